@@ -1,0 +1,34 @@
+# The two commands a newcomer runs on a fresh Debian 12 machine: `make demo` and `make test`.
+# Both create .venv, install the Python packages and (as root) the Debian packages the tests need.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEB_PACKAGES := openssl mosquitto mosquitto-clients
+
+.PHONY: demo test lint typecheck unit integration bench deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[emulator,test]'
+	touch $(STAMP)
+
+deps: $(STAMP)
+	@bash scripts/install-debian-packages.sh $(DEB_PACKAGES)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: deps
+	$(BIN)/ruff check fleetprov tests benchmarks scripts
+	$(BIN)/ruff format --check fleetprov tests benchmarks scripts
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/emulator_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+from fleetprov.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""amqtt's Broker, taught to behave like AWS IoT Core's endpoint for fleet provisioning.
+
+amqtt 0.12.1 is pinned exactly because this subclass overrides private methods; each override is pinned
+by tests/unit/test_amqtt_guard.py, which fails if amqtt's version of the method changes. The overrides:
+
+* ``_create_ssl_context``: client certificates are required (amqtt only asks for them), TLS >= 1.2, and
+  ALPN ``x-amzn-mqtt-ca`` is offered for MQTT over port 443 as AWS does.
+* ``_handle_client_session``: identify the connection by its certificate before CONNACK, and drop an older
+  connection that uses the same client id, as AWS does.
+* ``_authenticate``: only registered ACTIVE certificates whose policy allows iot:Connect get in.
+* ``_topic_filtering``: IoT policies decide publish, subscribe and receive; a denied publish or subscribe
+  closes the connection, as AWS does.
+* ``_handle_message_delivery``: requests on ``$aws/...`` topics (which amqtt refuses) go to the
+  provisioning service, and the reply is published to the requesting connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action, ListenerConfig
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+
+from fleetprov.emulator.access import ConnectionRefused, Identity, identify
+from fleetprov.emulator.faults import Faults
+from fleetprov.emulator.registry import Registry
+from fleetprov.emulator.service import Caller, ProvisioningService, Reply, parse_request_topic
+
+log = logging.getLogger(__name__)
+
+ALPN_MQTT_ON_443 = "x-amzn-mqtt-ca"
+
+_IOT_ACTIONS = {
+    Action.PUBLISH: "iot:Publish",
+    Action.SUBSCRIBE: "iot:Subscribe",
+    Action.RECEIVE: "iot:Receive",
+}
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT 3.1.1 topic filter matching ($-topics never match a leading wildcard)."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels) or level not in ("+", topic_levels[index]):
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+@dataclass
+class Connection:
+    """What the emulator knows about one live MQTT connection."""
+
+    client_id: str
+    handler: BrokerProtocolHandler
+    identity: Optional[Identity]
+    refusal: str = ""
+    messages: int = 0
+    pending: set[asyncio.Future[Any]] = field(default_factory=set)
+
+
+class EmulatorBroker(Broker):  # type: ignore[misc]
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        registry: Registry,
+        service: ProvisioningService,
+        faults: Faults,
+        region: str,
+        account: str,
+    ) -> None:
+        super().__init__(config)
+        self.registry = registry
+        self.service = service
+        self.faults = faults
+        self.region = region
+        self.account = account
+        self._connections: dict[int, Connection] = {}
+
+    def listening_port(self) -> int:
+        """The port the listener bound (the configured one, or the free one chosen for port 0)."""
+        sockets = self._servers["default"].instance.sockets
+        port: int = sockets[0].getsockname()[1]
+        return port
+
+    # -- TLS ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _create_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=listener["cafile"])
+        context.load_cert_chain(listener["certfile"], listener["keyfile"])
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols([ALPN_MQTT_ON_443])
+        return context
+
+    # -- connections ----------------------------------------------------------------------------
+
+    async def _handle_client_session(  # noqa: PLR0917 -- amqtt's signature
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Any,
+        listener_name: str,
+    ) -> None:
+        ssl_object = writer.get_ssl_info()
+        peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        client_id = client_session.client_id or ""
+        try:
+            identity: Optional[Identity] = identify(
+                self.registry, peer_der, client_id, region=self.region, account=self.account
+            )
+            refusal = ""
+        except ConnectionRefused as exc:
+            identity, refusal = None, exc.message
+            log.info("refusing connection %r: %s", client_id, refusal)
+        if identity is not None:
+            await self._drop_duplicate(client_id)
+        connection = Connection(client_id=client_id, handler=handler, identity=identity, refusal=refusal)
+        key = id(client_session)
+        self._connections[key] = connection
+        try:
+            await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+        finally:
+            if self._connections.get(key) is connection:
+                del self._connections[key]
+
+    async def _drop_duplicate(self, client_id: str) -> None:
+        for connection in list(self._connections.values()):
+            if connection.client_id == client_id and connection.identity is not None:
+                log.info("client id %r connected again: closing its older connection", client_id)
+                await self._drop(connection, "duplicate client id")
+
+    async def _drop(self, connection: Connection, reason: str) -> None:
+        log.info("closing connection %r: %s", connection.client_id, reason)
+        await connection.handler.handle_connection_closed()
+
+    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
+        connection = self._connections.get(id(session))
+        return connection is not None and connection.identity is not None
+
+    # -- authorization --------------------------------------------------------------------------
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        connection = self._connections.get(id(session))
+        if connection is None or connection.identity is None:
+            return False
+        allowed = connection.identity.allows(_IOT_ACTIONS[action], topic)
+        if not allowed and action in (Action.PUBLISH, Action.SUBSCRIBE):
+            await self._drop(connection, f"policy does not allow {_IOT_ACTIONS[action]} on {topic!r}")
+        return allowed
+
+    # -- messages -------------------------------------------------------------------------------
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        message = wait_deliver.result()
+        connection = self._connections.get(id(client_session))
+        if message is None or connection is None or connection.identity is None or not message.topic:
+            return await self._deliver_as_amqtt(client_session, handler, wait_deliver)
+        connection.messages += 1
+        limit = self.faults.config.close_after_messages
+        if limit is not None and connection.messages > limit:
+            await self._drop(connection, f"fault knob close_after_messages={limit}")
+            return True
+        topic: str = message.topic
+        if not topic.startswith("$"):
+            return await self._deliver_as_amqtt(client_session, handler, wait_deliver)
+        request = parse_request_topic(topic)
+        if request is None:
+            await self._drop(connection, f"publish to unsupported reserved topic {topic!r}")
+            return True
+        if not await self._topic_filtering(client_session, topic, Action.PUBLISH):
+            return True
+        caller = Caller(client_id=connection.client_id, certificate_id=connection.identity.certificate_id)
+        reply = await self.service.handle(request, bytes(message.data or b""), caller)
+        self._send_reply(connection, client_session, reply)
+        return True
+
+    async def _deliver_as_amqtt(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        """Ordinary topics: amqtt's own checks and broadcast (with _topic_filtering as the policy gate)."""
+        delivered: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return delivered
+
+    def _send_reply(self, connection: Connection, session: Session, reply: Reply) -> None:
+        """Publish a reply to the requesting connection alone, if it subscribed to the reply topic (as AWS)."""
+        identity = connection.identity
+        if identity is None:
+            return
+        qos = self._subscribed_qos(session, reply.topic)
+        if qos is None:
+            log.info("%r did not subscribe to %s: reply dropped", connection.client_id, reply.topic)
+            return
+        if not identity.allows("iot:Receive", reply.topic):
+            log.info("%r may not receive %s: reply dropped", connection.client_id, reply.topic)
+            return
+        # Not awaited: a client that never acknowledges must not stall its own message loop.
+        task = asyncio.ensure_future(connection.handler.mqtt_publish(reply.topic, reply.payload, qos, retain=False))
+        connection.pending.add(task)
+        task.add_done_callback(connection.pending.discard)
+
+    def _subscribed_qos(self, session: Session, topic: str) -> Optional[int]:
+        granted = [
+            qos
+            for topic_filter, subscribers in self.subscriptions.items()
+            if topic_matches(topic_filter, topic)
+            for subscriber, qos in subscribers
+            if subscriber is session
+        ]
+        return max(granted) if granted else None

@@ -1,0 +1,151 @@
+"""``fleetprov emulator ...``: serve, and the admin commands that read or change the registry."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fleetprov.errors import EX_OK, EmulatorError
+
+
+def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="emulator_command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", help="run the emulator until SIGTERM/SIGINT")
+    _state_dir(serve)
+    serve.add_argument("--config", type=Path, help="emulator YAML (see configs/emulator.example.yaml)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port; 0 picks a free one (default 0)")
+    serve.add_argument("--template", action="append", default=[], metavar="NAME=PATH", help="provisioning template")
+    serve.add_argument("--hook", action="append", default=[], metavar="NAME=COMMAND", help="pre-provisioning hook")
+    serve.add_argument("--thing-group", action="append", default=[], metavar="NAME", help="create a thing group")
+    serve.add_argument("--token-ttl", type=float, metavar="SECONDS", help="ownership token lifetime (default 3600)")
+    serve.add_argument("--reply-delay", type=float, metavar="SECONDS", help="fault: delay every reply")
+    serve.add_argument("--close-after", type=int, metavar="N", help="fault: close a connection at its N+1th publish")
+    serve.add_argument("--throttle", type=float, metavar="R", help="fault: over R requests/s reply 429")
+    serve.add_argument(
+        "--reject", action="append", default=[], metavar="OP:COUNT:STATUS:CODE",
+        help="fault: reject the next COUNT requests of OP, e.g. RegisterThing:2:500:InternalFailure",
+    )  # fmt: skip
+    serve.set_defaults(handler=_serve)
+
+    things = commands.add_parser("things", help="list things as JSON")
+    _state_dir(things)
+    things.set_defaults(handler=_things)
+
+    certificates = commands.add_parser("certificates", help="list certificates as JSON")
+    _state_dir(certificates)
+    certificates.set_defaults(handler=_certificates)
+
+    status = commands.add_parser("set-certificate-status", help="change a certificate's status")
+    _state_dir(status)
+    status.add_argument("certificate_id")
+    status.add_argument("status", choices=["ACTIVE", "INACTIVE", "REVOKED"])
+    status.set_defaults(handler=_set_status)
+
+    claim = commands.add_parser("claim", help="issue another claim certificate and key into --out")
+    _state_dir(claim)
+    claim.add_argument("--out", type=Path, required=True, help="directory for claim.pem and claim.key")
+    claim.set_defaults(handler=_claim)
+
+
+def _state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, required=True, help="the emulator's state directory")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fleetprov.emulator.server import serve
+    from fleetprov.emulator.settings import load_settings, with_flags
+
+    settings = with_flags(
+        load_settings(args.config, args.state_dir),
+        host=args.host,
+        port=args.port,
+        token_ttl=args.token_ttl,
+        templates=args.template,
+        hooks=args.hook,
+        reply_delay=args.reply_delay,
+        close_after=args.close_after,
+        throttle=args.throttle,
+        rejects=args.reject,
+        thing_groups=args.thing_group,
+    )
+    asyncio.run(serve(settings))
+    return EX_OK
+
+
+def _existing_registry(state_dir: Path) -> Any:
+    from fleetprov.emulator.registry import Registry
+
+    path = state_dir / "registry.sqlite"
+    if not path.exists():
+        raise EmulatorError(f"{state_dir} holds no emulator registry (run 'fleetprov emulator serve' first)")
+    return Registry(path)
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _things(args: argparse.Namespace) -> int:
+    registry = _existing_registry(args.state_dir)
+    _print_json(
+        [
+            {
+                "thingName": thing.name,
+                "thingTypeName": thing.thing_type,
+                "attributes": dict(thing.attributes),
+                "thingGroups": list(thing.groups),
+                "billingGroup": thing.billing_group,
+                "version": thing.version,
+                "principals": registry.principals_of_thing(thing.name),
+            }
+            for thing in registry.things()
+        ]
+    )
+    return EX_OK
+
+
+def _certificates(args: argparse.Namespace) -> int:
+    registry = _existing_registry(args.state_dir)
+    _print_json(
+        [
+            {
+                "certificateId": cert.certificate_id,
+                "status": cert.status,
+                "kind": cert.kind,
+                "createdAt": cert.created_at,
+                "things": registry.things_for_certificate(cert.certificate_id),
+                "policies": [name for name, _ in registry.policies_for_certificate(cert.certificate_id)],
+            }
+            for cert in registry.certificates()
+        ]
+    )
+    return EX_OK
+
+
+def _set_status(args: argparse.Namespace) -> int:
+    registry = _existing_registry(args.state_dir)
+    registry.set_certificate_status(args.certificate_id, args.status)
+    return EX_OK
+
+
+def _claim(args: argparse.Namespace) -> int:
+    from fleetprov.emulator.ca import ensure_ca_material
+    from fleetprov.emulator.server import create_claim
+
+    registry = _existing_registry(args.state_dir)
+    claim = create_claim(registry, ensure_ca_material(args.state_dir), args.out, None)
+    _print_json(
+        {
+            "certificateId": claim.certificate_id,
+            "certificate": str(claim.certificate),
+            "privateKey": str(claim.private_key),
+        }
+    )
+    return EX_OK

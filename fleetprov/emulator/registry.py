@@ -1,0 +1,292 @@
+"""The emulator's registry: things, certificates, policies, groups and templates, in one SQLite file.
+
+The running emulator and the admin sub-commands (``fleetprov emulator things`` ...) open the same file;
+WAL mode and a busy timeout let them do so at the same time. Ownership tokens are stored only as
+SHA-256 hashes: the registry never holds a secret a device could replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from fleetprov.errors import EmulatorError
+
+CERTIFICATE_STATUSES = ("ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS certificates (
+    id TEXT PRIMARY KEY,
+    pem TEXT NOT NULL,
+    status TEXT NOT NULL,
+    kind TEXT NOT NULL,                 -- 'claim' or 'device'
+    created_at REAL NOT NULL,
+    token_hash TEXT UNIQUE,
+    token_expires_at REAL,
+    claim_certificate_id TEXT
+);
+CREATE TABLE IF NOT EXISTS things (
+    name TEXT PRIMARY KEY,
+    thing_type TEXT,
+    attributes TEXT NOT NULL,           -- JSON object
+    billing_group TEXT,
+    created_at REAL NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS thing_groups (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS thing_types (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS billing_groups (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS thing_group_members (
+    thing TEXT NOT NULL, thing_group TEXT NOT NULL, PRIMARY KEY (thing, thing_group)
+);
+CREATE TABLE IF NOT EXISTS thing_principals (
+    thing TEXT NOT NULL, certificate_id TEXT NOT NULL, PRIMARY KEY (thing, certificate_id)
+);
+CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, document TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS policy_principals (
+    policy TEXT NOT NULL, certificate_id TEXT NOT NULL, PRIMARY KEY (policy, certificate_id)
+);
+CREATE TABLE IF NOT EXISTS templates (
+    name TEXT PRIMARY KEY, body TEXT NOT NULL, hook TEXT     -- hook: JSON list of argv, or NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    certificate_id: str
+    pem: str
+    status: str
+    kind: str
+    created_at: float
+    token_expires_at: Optional[float]
+    claim_certificate_id: Optional[str]
+
+
+@dataclass(frozen=True)
+class ThingRecord:
+    name: str
+    thing_type: Optional[str]
+    attributes: Mapping[str, str]
+    billing_group: Optional[str]
+    groups: tuple[str, ...]
+    version: int
+
+
+@dataclass(frozen=True)
+class TemplateRecord:
+    name: str
+    body: str
+    hook: Optional[tuple[str, ...]]
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise EmulatorError(f"cannot open registry {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside happen together or not at all."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: Sequence[Any]) -> Optional[tuple[Any, ...]]:
+        row: Optional[tuple[Any, ...]] = self._db.execute(sql, args).fetchone()
+        return row
+
+    def _column(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return [row[0] for row in self._db.execute(sql, args)]
+
+    # -- certificates --------------------------------------------------------------------------
+
+    def add_certificate(
+        self,
+        certificate_id: str,
+        pem: str,
+        *,
+        status: str,
+        kind: str,
+        created_at: float,
+        token_hash: Optional[str] = None,
+        token_expires_at: Optional[float] = None,
+        claim_certificate_id: Optional[str] = None,
+    ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                certificate_id,
+                pem,
+                status,
+                kind,
+                created_at,
+                token_hash,
+                token_expires_at,
+                claim_certificate_id,
+            ),
+        )
+
+    _CERT_COLUMNS = "id, pem, status, kind, created_at, token_expires_at, claim_certificate_id"
+
+    def certificate(self, certificate_id: str) -> Optional[CertificateRecord]:
+        row = self._one(f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE id = ?", (certificate_id,))
+        return CertificateRecord(*row) if row else None
+
+    def certificate_by_token(self, token_hash: str) -> Optional[CertificateRecord]:
+        row = self._one(f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE token_hash = ?", (token_hash,))
+        return CertificateRecord(*row) if row else None
+
+    def certificates(self) -> list[CertificateRecord]:
+        rows = self._db.execute(f"SELECT {self._CERT_COLUMNS} FROM certificates ORDER BY created_at")
+        return [CertificateRecord(*row) for row in rows]
+
+    def set_certificate_status(self, certificate_id: str, status: str) -> None:
+        if status not in CERTIFICATE_STATUSES:
+            raise EmulatorError(f"unknown certificate status {status!r} (one of {', '.join(CERTIFICATE_STATUSES)})")
+        cursor = self._db.execute("UPDATE certificates SET status = ? WHERE id = ?", (status, certificate_id))
+        if cursor.rowcount == 0:
+            raise EmulatorError(f"no certificate with id {certificate_id}")
+
+    def delete_expired_pending(self, now: float) -> list[str]:
+        """Delete certificates whose ownership token expired before RegisterThing activated them."""
+        with self.transaction():
+            expired = self._column(
+                "SELECT id FROM certificates WHERE status = 'PENDING_ACTIVATION' AND token_expires_at < ?",
+                (now,),
+            )
+            for certificate_id in expired:
+                self._db.execute("DELETE FROM certificates WHERE id = ?", (certificate_id,))
+                self._db.execute("DELETE FROM policy_principals WHERE certificate_id = ?", (certificate_id,))
+                self._db.execute("DELETE FROM thing_principals WHERE certificate_id = ?", (certificate_id,))
+        return expired
+
+    # -- things and groups ---------------------------------------------------------------------
+
+    def thing(self, name: str) -> Optional[ThingRecord]:
+        row = self._one(
+            "SELECT name, thing_type, attributes, billing_group, version FROM things WHERE name = ?", (name,)
+        )
+        if row is None:
+            return None
+        groups = tuple(self._column("SELECT thing_group FROM thing_group_members WHERE thing = ? ORDER BY 1", (name,)))
+        return ThingRecord(
+            name=row[0],
+            thing_type=row[1],
+            attributes=json.loads(row[2]),
+            billing_group=row[3],
+            groups=groups,
+            version=row[4],
+        )
+
+    def things(self) -> list[ThingRecord]:
+        return [thing for name in self._column("SELECT name FROM things ORDER BY name") if (thing := self.thing(name))]
+
+    def put_thing(
+        self,
+        name: str,
+        *,
+        thing_type: Optional[str],
+        attributes: Mapping[str, str],
+        billing_group: Optional[str],
+        groups: Sequence[str],
+        now: float,
+    ) -> None:
+        existing = self.thing(name)
+        version = existing.version + 1 if existing else 1
+        created_at = self._one("SELECT created_at FROM things WHERE name = ?", (name,))
+        self._db.execute(
+            "INSERT OR REPLACE INTO things VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                name,
+                thing_type,
+                json.dumps(dict(attributes), sort_keys=True),
+                billing_group,
+                created_at[0] if created_at else now,
+                version,
+            ),
+        )
+        self._db.execute("DELETE FROM thing_group_members WHERE thing = ?", (name,))
+        self._db.executemany("INSERT INTO thing_group_members VALUES (?, ?)", [(name, group) for group in groups])
+
+    def add_named(self, kind: str, names: Sequence[str]) -> None:
+        """Create thing groups, thing types or billing groups (kind: the table name)."""
+        if kind not in ("thing_groups", "thing_types", "billing_groups"):
+            raise ValueError(kind)
+        self._db.executemany(f"INSERT OR IGNORE INTO {kind} VALUES (?)", [(name,) for name in names])
+
+    def named_exists(self, kind: str, name: str) -> bool:
+        if kind not in ("thing_groups", "thing_types", "billing_groups"):
+            raise ValueError(kind)
+        return self._one(f"SELECT 1 FROM {kind} WHERE name = ?", (name,)) is not None
+
+    def attach_thing_principal(self, thing: str, certificate_id: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO thing_principals VALUES (?, ?)", (thing, certificate_id))
+
+    def things_for_certificate(self, certificate_id: str) -> list[str]:
+        return self._column(
+            "SELECT thing FROM thing_principals WHERE certificate_id = ? ORDER BY thing", (certificate_id,)
+        )
+
+    def principals_of_thing(self, thing: str) -> list[str]:
+        return self._column("SELECT certificate_id FROM thing_principals WHERE thing = ? ORDER BY 1", (thing,))
+
+    # -- policies ------------------------------------------------------------------------------
+
+    def policy_document(self, name: str) -> Optional[str]:
+        row = self._one("SELECT document FROM policies WHERE name = ?", (name,))
+        return str(row[0]) if row else None
+
+    def put_policy(self, name: str, document: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO policies VALUES (?, ?)", (name, document))
+
+    def attach_policy(self, policy: str, certificate_id: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO policy_principals VALUES (?, ?)", (policy, certificate_id))
+
+    def policies_for_certificate(self, certificate_id: str) -> list[tuple[str, str]]:
+        rows = self._db.execute(
+            "SELECT p.name, p.document FROM policies p JOIN policy_principals pp ON pp.policy = p.name "
+            "WHERE pp.certificate_id = ? ORDER BY p.name",
+            (certificate_id,),
+        )
+        return [(str(name), str(document)) for name, document in rows]
+
+    # -- templates -----------------------------------------------------------------------------
+
+    def put_template(self, name: str, body: str, hook: Optional[Sequence[str]]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO templates VALUES (?, ?, ?)",
+            (name, body, json.dumps(list(hook)) if hook else None),
+        )
+
+    def set_template_hook(self, name: str, hook: Sequence[str]) -> None:
+        cursor = self._db.execute("UPDATE templates SET hook = ? WHERE name = ?", (json.dumps(list(hook)), name))
+        if cursor.rowcount == 0:
+            raise EmulatorError(f"--hook {name}=...: no template named {name!r}")
+
+    def template(self, name: str) -> Optional[TemplateRecord]:
+        row = self._one("SELECT name, body, hook FROM templates WHERE name = ?", (name,))
+        if row is None:
+            return None
+        return TemplateRecord(name=row[0], body=row[1], hook=tuple(json.loads(row[2])) if row[2] else None)
+
+    def template_names(self) -> list[str]:
+        return self._column("SELECT name FROM templates ORDER BY name")

@@ -1,0 +1,252 @@
+"""The emulator's settings: the YAML file given with ``--config``, then ``serve``'s flags on top.
+
+Every key is documented in ``configs/emulator.example.yaml``. Unknown keys, wrong types and unreadable
+files are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from fleetprov.emulator.faults import OPERATIONS, FaultConfig, ForcedRejection
+from fleetprov.errors import ConfigError
+
+DEFAULT_TEMPLATE_NAME = "fleetprov-demo"
+DEFAULT_TEMPLATE_PATH = Path(__file__).parent / "data" / "demo-template.json"
+
+
+@dataclass(frozen=True)
+class TemplateSource:
+    name: str
+    path: Optional[Path] = None
+    hook: Optional[tuple[str, ...]] = None
+
+
+@dataclass(frozen=True)
+class EmulatorSettings:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    token_ttl: float = 3600.0
+    region: str = "us-east-1"
+    account: str = "123456789012"
+    templates: tuple[TemplateSource, ...] = ()
+    thing_groups: tuple[str, ...] = ()
+    thing_types: tuple[str, ...] = ()
+    billing_groups: tuple[str, ...] = ()
+    claim_templates: Optional[tuple[str, ...]] = None  # None: the claim may use every template
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+class _Reader:
+    """Typed access to one mapping of the YAML file; every error names the key path and the file."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, prefix: str = "") -> None:
+        self.data = data
+        self.where = where
+        self.prefix = prefix
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {self.prefix}{key}: {problem}", step="config")
+
+    def check_keys(self, allowed: Sequence[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                raise self.error(str(key), f"unknown key (known: {', '.join(allowed)})")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        value = self.data.get(key, default)
+        if value is None:
+            return default
+        # bool is an int in Python; a port of `true` is still a mistake.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.error(key, f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.error(key, f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def strings(self, key: str) -> Optional[tuple[str, ...]]:
+        value = self.get(key, list)
+        if value is None:
+            return None
+        if not all(isinstance(item, str) and item for item in value):
+            raise self.error(key, "expected a list of non-empty strings")
+        return tuple(value)
+
+    def child(self, key: str) -> Optional[_Reader]:
+        value = self.get(key, dict)
+        return None if value is None else _Reader(value, self.where, f"{self.prefix}{key}.")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def load_settings(path: Optional[Path], state_dir: Path) -> EmulatorSettings:
+    if path is None:
+        return EmulatorSettings(state_dir=state_dir)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}", step="config") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}", step="config") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level", step="config")
+    return _parse(_Reader(data, str(path)), state_dir, path.parent)
+
+
+def _parse(top: _Reader, state_dir: Path, base: Path) -> EmulatorSettings:
+    top.check_keys(
+        [
+            "host", "port", "token_ttl", "region", "account", "templates", "thing_groups", "thing_types",
+            "billing_groups", "claim_templates", "faults",
+        ]
+    )  # fmt: skip
+    port = top.get("port", int, 0)
+    if not 0 <= port <= 65535:
+        raise top.error("port", f"{port} is not a TCP port")
+    token_ttl = float(top.get("token_ttl", (int, float), 3600))
+    if token_ttl <= 0:
+        raise top.error("token_ttl", "must be positive")
+    return EmulatorSettings(
+        state_dir=state_dir,
+        host=top.get("host", str, "127.0.0.1"),
+        port=port,
+        token_ttl=token_ttl,
+        region=top.get("region", str, "us-east-1"),
+        account=str(top.get("account", (str, int), "123456789012")),
+        templates=_templates(top, base),
+        thing_groups=top.strings("thing_groups") or (),
+        thing_types=top.strings("thing_types") or (),
+        billing_groups=top.strings("billing_groups") or (),
+        claim_templates=top.strings("claim_templates"),
+        faults=_faults(top.child("faults")),
+    )
+
+
+def _templates(top: _Reader, base: Path) -> tuple[TemplateSource, ...]:
+    section = top.child("templates")
+    if section is None:
+        return ()
+    sources = []
+    for name in section.data:
+        entry = section.child(str(name)) if isinstance(section.data[name], dict) else None
+        if entry is None:
+            path = section.get(str(name), str)
+            sources.append(TemplateSource(str(name), base / path))
+            continue
+        entry.check_keys(["path", "hook"])
+        path_text = entry.get("path", str)
+        if path_text is None:
+            raise entry.error("path", "missing: the template's JSON file")
+        hook = entry.get("hook", str)
+        sources.append(TemplateSource(str(name), base / path_text, tuple(shlex.split(hook)) if hook else None))
+    return tuple(sources)
+
+
+def _faults(section: Optional[_Reader]) -> FaultConfig:
+    if section is None:
+        return FaultConfig()
+    section.check_keys(["reply_delay", "close_after_messages", "throttle_per_second", "reject"])
+    rejections = []
+    for index, item in enumerate(section.get("reject", list, [])):
+        if not isinstance(item, dict):
+            raise section.error(f"reject[{index}]", "expected a mapping")
+        entry = _Reader(item, section.where, f"{section.prefix}reject[{index}].")
+        entry.check_keys(["operation", "count", "status_code", "error_code", "error_message"])
+        rejections.append(
+            forced_rejection(
+                entry.get("operation", str, ""),
+                entry.get("count", int, 1),
+                entry.get("status_code", int, 500),
+                entry.get("error_code", str, "InternalFailure"),
+                entry.get("error_message", str, "rejected by an emulator fault knob"),
+                where=entry,
+            )
+        )
+    return FaultConfig(
+        reply_delay=float(section.get("reply_delay", (int, float), 0.0)),
+        close_after_messages=section.get("close_after_messages", int),
+        throttle_per_second=section.get("throttle_per_second", (int, float)),
+        reject=tuple(rejections),
+    )
+
+
+def forced_rejection(
+    operation: str, count: int, status_code: int, error_code: str, error_message: str, *, where: _Reader
+) -> ForcedRejection:
+    if operation not in OPERATIONS:
+        raise where.error("operation", f"{operation!r} is not one of {', '.join(OPERATIONS)}")
+    if count < 1 or not 100 <= status_code <= 599:
+        raise where.error("count", "count must be >= 1 and status_code an HTTP status")
+    return ForcedRejection(operation, count, status_code, error_code, error_message)
+
+
+def parse_reject_flag(text: str) -> ForcedRejection:
+    """``--reject OPERATION:COUNT:STATUS:ERROR_CODE``, e.g. ``RegisterThing:2:500:InternalFailure``."""
+    parts = text.split(":")
+    flag = _Reader({}, "--reject", "")
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise flag.error(text, "expected OPERATION:COUNT:STATUS:ERROR_CODE, e.g. RegisterThing:2:500:InternalFailure")
+    return forced_rejection(parts[0], int(parts[1]), int(parts[2]), parts[3], "rejected by an emulator fault knob",
+                            where=flag)  # fmt: skip
+
+
+def with_flags(
+    settings: EmulatorSettings,
+    *,
+    host: Optional[str],
+    port: Optional[int],
+    token_ttl: Optional[float],
+    templates: Sequence[str],
+    hooks: Sequence[str],
+    reply_delay: Optional[float],
+    close_after: Optional[int],
+    throttle: Optional[float],
+    rejects: Sequence[str],
+    thing_groups: Sequence[str],
+) -> EmulatorSettings:
+    """Command-line flags win over the YAML file."""
+    sources = {source.name: source for source in settings.templates}
+    for text in templates:
+        name, path = _name_value("--template", text)
+        sources[name] = TemplateSource(name, Path(path), sources[name].hook if name in sources else None)
+    for text in hooks:
+        name, command = _name_value("--hook", text)
+        existing = sources.get(name, TemplateSource(name))
+        sources[name] = replace(existing, hook=tuple(shlex.split(command)))
+    faults = settings.faults
+    faults = replace(
+        faults,
+        reply_delay=faults.reply_delay if reply_delay is None else reply_delay,
+        close_after_messages=faults.close_after_messages if close_after is None else close_after,
+        throttle_per_second=faults.throttle_per_second if throttle is None else throttle,
+        reject=faults.reject + tuple(parse_reject_flag(text) for text in rejects),
+    )
+    return replace(
+        settings,
+        host=host or settings.host,
+        port=settings.port if port is None else port,
+        token_ttl=settings.token_ttl if token_ttl is None else token_ttl,
+        templates=tuple(sources.values()),
+        thing_groups=settings.thing_groups + tuple(thing_groups),
+        faults=faults,
+    )
+
+
+def _name_value(flag: str, text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise ConfigError(f"{flag} {text!r}: expected NAME=VALUE", step="config")
+    return name, value

@@ -1,0 +1,196 @@
+"""Test support: run `fleetprov emulator serve` as a real process and talk to it with the unmodified
+awsiotsdk clients over real mutual TLS on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from awscrt import mqtt, mqtt_request_response
+from awsiot import iotidentity, mqtt_connection_builder
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ENDPOINT_WAIT_SECONDS = 60
+CONNECT_TIMEOUT = 30
+
+
+@dataclass
+class Emulator:
+    state_dir: Path
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    root_ca: Path
+    claim_cert: Path
+    claim_key: Path
+    claim_certificate_id: str
+    templates: list[str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def admin(self, *args: str) -> Any:
+        out = subprocess.run(
+            [sys.executable, "-m", "fleetprov", "emulator", *args, "--state-dir", str(self.state_dir)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return json.loads(out) if out.strip() else None
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_emulator(state_dir: Path, *extra: str) -> Emulator:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = state_dir.parent / f"{state_dir.name}.log"
+    endpoint = state_dir / "endpoint.json"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fleetprov", "emulator", "serve", "--state-dir", str(state_dir), "--port", "0",
+             *extra],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + ENDPOINT_WAIT_SECONDS
+    while not endpoint.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"emulator exited {process.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(
+                f"emulator wrote no endpoint.json in {ENDPOINT_WAIT_SECONDS}s:\n{log_path.read_text()}"
+            )
+        time.sleep(0.05)
+    info = json.loads(endpoint.read_text())
+    return Emulator(
+        state_dir=state_dir,
+        process=process,
+        host=info["host"],
+        port=info["port"],
+        root_ca=Path(info["root_ca"]),
+        claim_cert=Path(info["claim_certificate"]),
+        claim_key=Path(info["claim_private_key"]),
+        claim_certificate_id=info["claim_certificate_id"],
+        templates=info["templates"],
+        log_path=log_path,
+    )
+
+
+def connect(
+    emulator: Emulator,
+    cert: Path,
+    key: Path,
+    client_id: str,
+    on_interrupted: Optional[Any] = None,
+) -> mqtt.Connection:
+    """An MQTT 3.1.1 connection with the awsiotsdk builder, as a device would make it."""
+    connection = mqtt_connection_builder.mtls_from_path(
+        endpoint="localhost",
+        port=emulator.port,
+        cert_filepath=str(cert),
+        pri_key_filepath=str(key),
+        ca_filepath=str(emulator.root_ca),
+        client_id=client_id,
+        clean_session=True,
+        keep_alive_secs=30,
+        on_connection_interrupted=on_interrupted,
+    )
+    connection.connect().result(CONNECT_TIMEOUT)
+    return connection
+
+
+def connect_claim(emulator: Emulator, client_id: str) -> mqtt.Connection:
+    return connect(emulator, emulator.claim_cert, emulator.claim_key, client_id)
+
+
+def identity_v2(connection: mqtt.Connection, timeout: int = 20) -> iotidentity.IotIdentityClientV2:
+    options = mqtt_request_response.ClientOptions(
+        max_request_response_subscriptions=2,
+        max_streaming_subscriptions=2,
+        operation_timeout_in_seconds=timeout,
+    )
+    return iotidentity.IotIdentityClientV2(connection, options)
+
+
+def make_csr(key: Optional[Any] = None) -> tuple[str, Any]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode(), key
+
+
+def key_pem(key: Any) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def write_identity(directory: Path, certificate_pem: str, private_key_pem: bytes) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "certificate.pem", directory / "private.key"
+    cert.write_text(certificate_pem)
+    key.write_bytes(private_key_pem)
+    os.chmod(key, 0o600)
+    return cert, key
+
+
+def rejection(future: Future[Any], timeout: float = 20) -> iotidentity.V2ErrorResponse:
+    """The modeled error of a V2 operation that must fail with a /rejected reply."""
+    from awsiot import V2ServiceException
+
+    try:
+        result = future.result(timeout)
+    except V2ServiceException as exc:
+        assert exc.modeled_error is not None, f"failed without a rejected reply: {exc.message} {exc.inner_error}"
+        return exc.modeled_error
+    raise AssertionError(f"expected a rejection, got {result}")
+
+
+def provision_csr(
+    emulator: Emulator,
+    client_id: str,
+    parameters: dict[str, str],
+    template: str = "fleetprov-demo",
+) -> tuple[iotidentity.RegisterThingResponse, str, Any, str]:
+    """Claim connection, CreateCertificateFromCsr, RegisterThing. Returns (reply, certificate pem, key, id)."""
+    connection = connect_claim(emulator, client_id)
+    try:
+        client = identity_v2(connection)
+        csr, key = make_csr()
+        created = client.create_certificate_from_csr(
+            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr)
+        ).result(20)
+        registered = client.register_thing(
+            iotidentity.RegisterThingRequest(
+                template_name=template,
+                certificate_ownership_token=created.certificate_ownership_token,
+                parameters=parameters,
+            )
+        ).result(20)
+        return registered, created.certificate_pem, key, created.certificate_id
+    finally:
+        connection.disconnect().result(10)

@@ -3,17 +3,21 @@ awsiotsdk clients over real mutual TLS on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import cbor2
 from awscrt import mqtt, mqtt_request_response
 from awsiot import iotidentity, mqtt_connection_builder
 from cryptography import x509
@@ -194,3 +198,55 @@ def provision_csr(
         return registered, created.certificate_pem, key, created.certificate_id
     finally:
         connection.disconnect().result(10)
+
+
+class RawClient:
+    """A device connection used at the MQTT level: publish any bytes, watch every message and the link."""
+
+    def __init__(self, emulator: Emulator, cert: Path, key: Path, client_id: str) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.interrupted = threading.Event()
+        self.connection = connect(emulator, cert, key, client_id, on_interrupted=self._on_interrupted)
+
+    def _on_interrupted(self, connection: mqtt.Connection, error: Exception, **kwargs: Any) -> None:
+        self.interrupted.set()
+
+    def _on_message(self, topic: str, payload: bytes, **kwargs: Any) -> None:
+        self.messages.put((topic, payload))
+
+    def subscribe(self, topic: str) -> int:
+        future, _ = self.connection.subscribe(topic, mqtt.QoS.AT_LEAST_ONCE, callback=self._on_message)
+        result: dict[str, Any] = future.result(CONNECT_TIMEOUT)
+        return int(result["qos"] if result["qos"] is not None else 128)
+
+    def publish(self, topic: str, payload: bytes) -> Future[Any]:
+        future, _ = self.connection.publish(topic, payload, mqtt.QoS.AT_LEAST_ONCE)
+        return future
+
+    def next_message(self, timeout: float = 20) -> tuple[str, bytes]:
+        return self.messages.get(timeout=timeout)
+
+    def no_message(self, wait: float = 1.0) -> bool:
+        try:
+            self.messages.get(timeout=wait)
+        except queue.Empty:
+            return True
+        return False
+
+    def request(self, topic: str, payload: bytes, timeout: float = 20) -> tuple[str, dict[str, Any]]:
+        """Publish one API request and return (reply topic, decoded reply); subscribes to both replies first."""
+        payload_format = topic.rsplit("/", 1)[1]
+        for suffix in ("accepted", "rejected"):
+            self.subscribe(f"{topic}/{suffix}")
+        self.publish(topic, payload).result(timeout)
+        reply_topic, body = self.next_message(timeout)
+        decoded = cbor2.loads(body) if payload_format == "cbor" else json.loads(body)
+        return reply_topic, decoded
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # already gone: closing is best effort
+            self.connection.disconnect().result(10)
+
+
+def raw_claim(emulator: Emulator, client_id: str) -> RawClient:
+    return RawClient(emulator, emulator.claim_cert, emulator.claim_key, client_id)

@@ -148,7 +148,7 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
         log.info("closing connection %r: %s", connection.client_id, reason)
         await connection.handler.handle_connection_closed()
 
-    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
+    async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
         connection = self._connections.get(id(session))
         return connection is not None and connection.identity is not None
 

@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, document TEXT NOT NU
 CREATE TABLE IF NOT EXISTS policy_principals (
     policy TEXT NOT NULL, certificate_id TEXT NOT NULL, PRIMARY KEY (policy, certificate_id)
 );
+CREATE TABLE IF NOT EXISTS expired_tokens (   -- so that a late RegisterThing hears "expired", not "invalid"
+    token_hash TEXT PRIMARY KEY, certificate_id TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS templates (
     name TEXT PRIMARY KEY, body TEXT NOT NULL, hook TEXT     -- hook: JSON list of argv, or NULL
 );
@@ -155,6 +158,11 @@ class Registry:
         row = self._one(f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE token_hash = ?", (token_hash,))
         return CertificateRecord(*row) if row else None
 
+    def expired_token_certificate(self, token_hash: str) -> Optional[str]:
+        """The id of the certificate deleted because this token expired unused, if that happened."""
+        row = self._one("SELECT certificate_id FROM expired_tokens WHERE token_hash = ?", (token_hash,))
+        return str(row[0]) if row else None
+
     def certificates(self) -> list[CertificateRecord]:
         rows = self._db.execute(f"SELECT {self._CERT_COLUMNS} FROM certificates ORDER BY created_at")
         return [CertificateRecord(*row) for row in rows]
@@ -174,6 +182,10 @@ class Registry:
                 (now,),
             )
             for certificate_id in expired:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO expired_tokens SELECT token_hash, id FROM certificates WHERE id = ?",
+                    (certificate_id,),
+                )
                 self._db.execute("DELETE FROM certificates WHERE id = ?", (certificate_id,))
                 self._db.execute("DELETE FROM policy_principals WHERE certificate_id = ?", (certificate_id,))
                 self._db.execute("DELETE FROM thing_principals WHERE certificate_id = ?", (certificate_id,))

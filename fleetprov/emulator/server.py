@@ -33,7 +33,7 @@ from fleetprov.emulator.ca import (
     private_key_pem,
 )
 from fleetprov.emulator.faults import Faults
-from fleetprov.emulator.policy import claim_policy_document
+from fleetprov.emulator.policy import Policy, PolicyError, claim_policy_document
 from fleetprov.emulator.registry import Registry
 from fleetprov.emulator.service import ProvisioningService
 from fleetprov.emulator.settings import (
@@ -48,7 +48,7 @@ from fleetprov.errors import ConfigError, EmulatorError
 log = logging.getLogger(__name__)
 
 CLAIM_POLICY_NAME = "fleetprov-claim-policy"
-SWEEP_INTERVAL_SECONDS = 5.0
+SWEEP_INTERVAL_SECONDS = 5.0  # at most; shorter when tokens live shorter (tests)
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ def prepare_state(settings: EmulatorSettings) -> tuple[CaMaterial, Registry, Cla
     # The claim policy follows the current settings, so a restricted claim can be widened again.
     registry.put_policy(CLAIM_POLICY_NAME, json.dumps(claim_policy_document(settings.claim_templates), sort_keys=True))
     _load_templates(registry, settings)
+    _load_policies(registry, settings)
     registry.add_named("thing_groups", settings.thing_groups)
     registry.add_named("thing_types", settings.thing_types)
     registry.add_named("billing_groups", settings.billing_groups)
@@ -130,6 +131,18 @@ def _load_templates(registry: Registry, settings: EmulatorSettings) -> None:
         except TemplateError as exc:
             raise ConfigError(f"template {source.name} ({source.path}): {exc.message}", step="config") from exc
         registry.put_template(source.name, body, source.hook)
+
+
+def _load_policies(registry: Registry, settings: EmulatorSettings) -> None:
+    for name, path in settings.policies:
+        try:
+            document = path.read_text(encoding="utf-8")
+            Policy.parse(name, document)
+        except OSError as exc:
+            raise ConfigError(f"policy {name}: cannot read {path}: {exc.strerror}", step="config") from exc
+        except PolicyError as exc:
+            raise ConfigError(f"policy {name} ({path}): {exc.message}", step="config") from exc
+        registry.put_policy(name, document)
 
 
 def endpoint_document(settings: EmulatorSettings, port: int, material: CaMaterial, claim: ClaimFiles,
@@ -184,7 +197,7 @@ async def serve(settings: EmulatorSettings, stop: Optional[asyncio.Event] = None
         raise EmulatorError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
     port = broker.listening_port()
     stop = stop or _stop_on_signals()
-    sweeper = asyncio.ensure_future(_sweep_expired(registry))
+    sweeper = asyncio.ensure_future(_sweep_expired(registry, min(SWEEP_INTERVAL_SECONDS, settings.token_ttl / 2)))
     try:
         write_atomic(
             endpoint_path,
@@ -210,9 +223,9 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def _sweep_expired(registry: Registry) -> None:
+async def _sweep_expired(registry: Registry, interval: float) -> None:
     """Delete certificates whose ownership token expired unused, as AWS does."""
     while True:
-        await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+        await asyncio.sleep(interval)
         for expired in registry.delete_expired_pending(time.time()):
             log.info("ownership token expired: deleted certificate %s", expired)

@@ -258,8 +258,16 @@ class ProvisioningService:
     def _redeem_token(self, token: object) -> tuple[str, str]:
         if not isinstance(token, str) or not token:
             raise ApiRejection(400, "InvalidCertificateOwnershipToken", "Certificate ownership token cannot be empty.")
-        record = self.registry.certificate_by_token(token_hash(token))
+        hashed = token_hash(token)
+        record = self.registry.certificate_by_token(hashed)
         if record is None:
+            deleted = self.registry.expired_token_certificate(hashed)
+            if deleted is not None:
+                raise ApiRejection(
+                    400,
+                    "InvalidCertificateOwnershipToken",
+                    f"Certificate ownership token has expired; certificate {deleted} was deleted.",
+                )
             raise ApiRejection(400, "InvalidCertificateOwnershipToken", "Certificate ownership token is not valid.")
         if record.token_expires_at is None or record.token_expires_at < self._clock():
             raise ApiRejection(400, "InvalidCertificateOwnershipToken", "Certificate ownership token has expired.")

@@ -40,6 +40,7 @@ class EmulatorSettings:
     thing_groups: tuple[str, ...] = ()
     thing_types: tuple[str, ...] = ()
     billing_groups: tuple[str, ...] = ()
+    policies: tuple[tuple[str, Path], ...] = ()  # (name, JSON file) of IoT policies templates refer to by name
     claim_templates: Optional[tuple[str, ...]] = None  # None: the claim may use every template
     faults: FaultConfig = field(default_factory=FaultConfig)
 
@@ -110,7 +111,7 @@ def _parse(top: _Reader, state_dir: Path, base: Path) -> EmulatorSettings:
     top.check_keys(
         [
             "host", "port", "token_ttl", "region", "account", "templates", "thing_groups", "thing_types",
-            "billing_groups", "claim_templates", "faults",
+            "billing_groups", "claim_templates", "faults", "policies",
         ]
     )  # fmt: skip
     port = top.get("port", int, 0)
@@ -130,6 +131,7 @@ def _parse(top: _Reader, state_dir: Path, base: Path) -> EmulatorSettings:
         thing_groups=top.strings("thing_groups") or (),
         thing_types=top.strings("thing_types") or (),
         billing_groups=top.strings("billing_groups") or (),
+        policies=_policies(top, base),
         claim_templates=top.strings("claim_templates"),
         faults=_faults(top.child("faults")),
     )
@@ -153,6 +155,13 @@ def _templates(top: _Reader, base: Path) -> tuple[TemplateSource, ...]:
         hook = entry.get("hook", str)
         sources.append(TemplateSource(str(name), base / path_text, tuple(shlex.split(hook)) if hook else None))
     return tuple(sources)
+
+
+def _policies(top: _Reader, base: Path) -> tuple[tuple[str, Path], ...]:
+    section = top.child("policies")
+    if section is None:
+        return ()
+    return tuple((str(name), base / section.get(str(name), str)) for name in section.data)
 
 
 def _faults(section: Optional[_Reader]) -> FaultConfig:

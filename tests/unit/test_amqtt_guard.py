@@ -1,0 +1,69 @@
+"""Guards for the amqtt internals the emulator's broker relies on (fleetprov/emulator/broker.py).
+
+amqtt is pinned exactly. If an upgrade changes any of these methods, the matching test fails: read the new
+amqtt code, check the override in broker.py still holds, then update the fingerprint here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from importlib.metadata import version
+
+import pytest
+from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+from fleetprov.emulator.broker import EmulatorBroker
+
+# method -> SHA-256 of its source in amqtt 0.12.1
+FINGERPRINTS = {
+    # overridden
+    "Broker._create_ssl_context": "a08eef5bbc53bf9a8f867d1dfb9523a43fb821f249199f4a75b63437d48e470c",
+    "Broker._handle_client_session": "8b1b52a03df9daf58a0e88ab15f4b65a778b6b2289e323f821ed5e42c77c1095",
+    "Broker._authenticate": "4d7db8cc6fe2c3f64d607c8063f6b3158368039af89c554baf275543569f53f5",
+    "Broker._topic_filtering": "9259ae5e1dd3e20d3d111950239847f4c77b57550878c09da538c2ad9ec25240",
+    "Broker._handle_message_delivery": "89727723da550bed02e4fb95736cb0b4399e7752bd4799a78503c7f0feafd69b",
+    # relied upon: add_subscription and _run_broadcast consult _topic_filtering; the message loop ends the
+    # connection when the disconnect waiter fires, which handle_connection_closed triggers; listening_port
+    # reads self._servers.
+    "Broker.add_subscription": "07757b63113c395e2ed0176c270a48df46261b7ee196b079c568146b6d0f421c",
+    "Broker._run_broadcast": "e852128b3e38e04a1b903cb9b44240d7cb8c50539a78472a48aa32544574b581",
+    "Broker._client_message_loop": "916c4647c338991830c968a421012b5bc7fbb1cbffd8db6ad551ca91618502c2",
+    "Broker._start_listeners": "5ac2d716d33babb4334ca4a82ec1908c254aa4f02331152aa8d39b64b25464a7",
+    "BrokerProtocolHandler.handle_connection_closed": "e9c448557a8dab58d47f5844487af234a8694d4436bfbd05cdb8abad8c1c5f47",  # noqa: E501
+    "BrokerProtocolHandler.handle_disconnect": "63b454d06eab58f8650bb6b62fd65845b1e1784753301524e86532bebc190cb5",
+}
+
+_OWNERS = {"Broker": Broker, "BrokerProtocolHandler": BrokerProtocolHandler}
+
+
+def _fingerprint(qualified: str) -> str:
+    owner, name = qualified.split(".")
+    source = inspect.getsource(getattr(_OWNERS[owner], name))
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def test_amqtt_is_the_pinned_version() -> None:
+    assert version("amqtt") == "0.12.1"
+
+
+@pytest.mark.parametrize("qualified", sorted(FINGERPRINTS))
+def test_amqtt_internal_unchanged(qualified: str) -> None:
+    assert _fingerprint(qualified) == FINGERPRINTS[qualified], (
+        f"amqtt's {qualified} changed: review fleetprov/emulator/broker.py before updating the fingerprint"
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["_create_ssl_context", "_handle_client_session", "_authenticate", "_topic_filtering", "_handle_message_delivery"],
+)
+def test_overrides_keep_amqtt_signatures(name: str) -> None:
+    ours = inspect.signature(getattr(EmulatorBroker, name))
+    theirs = inspect.signature(getattr(Broker, name))
+    assert list(ours.parameters) == list(theirs.parameters)
+
+
+def test_servers_attribute_still_exists() -> None:
+    assert "self._servers" in inspect.getsource(Broker.__init__)

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,16 @@ class HookDecision:
 
 
 async def run_hook(
-    command: Sequence[str], hook_input: Mapping[str, Any], timeout: float = HOOK_TIMEOUT_SECONDS
+    command: Sequence[str],
+    hook_input: Mapping[str, Any],
+    timeout: float = HOOK_TIMEOUT_SECONDS,
+    cwd: Optional[str] = None,
 ) -> HookDecision:
+    """Run the hook in ``cwd`` (relative paths in its command resolve there) and return its decision."""
     try:
         process = await asyncio.create_subprocess_exec(
             *command,
+            cwd=cwd,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

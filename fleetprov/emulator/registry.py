@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from fleetprov.errors import EmulatorError
 
+SCHEMA_VERSION = 1  # PRAGMA user_version; bump on any schema change
 CERTIFICATE_STATUSES = ("ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION")
 
 _SCHEMA = """
@@ -55,7 +56,9 @@ CREATE TABLE IF NOT EXISTS expired_tokens (   -- so that a late RegisterThing he
     token_hash TEXT PRIMARY KEY, certificate_id TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS templates (
-    name TEXT PRIMARY KEY, body TEXT NOT NULL, hook TEXT     -- hook: JSON list of argv, or NULL
+    name TEXT PRIMARY KEY, body TEXT NOT NULL,
+    hook TEXT,                          -- JSON list of argv, or NULL
+    hook_cwd TEXT                       -- directory the hook runs in
 );
 """
 
@@ -86,6 +89,7 @@ class TemplateRecord:
     name: str
     body: str
     hook: Optional[tuple[str, ...]]
+    hook_cwd: Optional[str] = None
 
 
 class Registry:
@@ -95,7 +99,15 @@ class Registry:
             self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            has_tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+            if has_tables and version != SCHEMA_VERSION:
+                raise EmulatorError(
+                    f"registry {path} has schema version {version}, this emulator needs {SCHEMA_VERSION}: "
+                    "start with a new state directory"
+                )
             self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise EmulatorError(f"cannot open registry {path}: {exc}") from exc
 
@@ -283,22 +295,25 @@ class Registry:
 
     # -- templates -----------------------------------------------------------------------------
 
-    def put_template(self, name: str, body: str, hook: Optional[Sequence[str]]) -> None:
+    def put_template(self, name: str, body: str, hook: Optional[Sequence[str]], hook_cwd: Optional[str] = None) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO templates VALUES (?, ?, ?)",
-            (name, body, json.dumps(list(hook)) if hook else None),
+            "INSERT OR REPLACE INTO templates VALUES (?, ?, ?, ?)",
+            (name, body, json.dumps(list(hook)) if hook else None, hook_cwd),
         )
 
-    def set_template_hook(self, name: str, hook: Sequence[str]) -> None:
-        cursor = self._db.execute("UPDATE templates SET hook = ? WHERE name = ?", (json.dumps(list(hook)), name))
+    def set_template_hook(self, name: str, hook: Sequence[str], hook_cwd: Optional[str] = None) -> None:
+        cursor = self._db.execute(
+            "UPDATE templates SET hook = ?, hook_cwd = ? WHERE name = ?", (json.dumps(list(hook)), hook_cwd, name)
+        )
         if cursor.rowcount == 0:
             raise EmulatorError(f"--hook {name}=...: no template named {name!r}")
 
     def template(self, name: str) -> Optional[TemplateRecord]:
-        row = self._one("SELECT name, body, hook FROM templates WHERE name = ?", (name,))
+        row = self._one("SELECT name, body, hook, hook_cwd FROM templates WHERE name = ?", (name,))
         if row is None:
             return None
-        return TemplateRecord(name=row[0], body=row[1], hook=tuple(json.loads(row[2])) if row[2] else None)
+        hook = tuple(json.loads(row[2])) if row[2] else None
+        return TemplateRecord(name=row[0], body=row[1], hook=hook, hook_cwd=row[3])
 
     def template_names(self) -> list[str]:
         return self._column("SELECT name FROM templates ORDER BY name")

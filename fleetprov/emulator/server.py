@@ -118,7 +118,7 @@ def _load_templates(registry: Registry, settings: EmulatorSettings) -> None:
         if source.path is None:
             if registry.template(source.name) is None:
                 raise ConfigError(f"--hook {source.name}=...: no template named {source.name!r}", step="config")
-            registry.set_template_hook(source.name, source.hook or ())
+            registry.set_template_hook(source.name, source.hook or (), _cwd(source))
             continue
         try:
             body = source.path.read_text(encoding="utf-8")
@@ -130,7 +130,11 @@ def _load_templates(registry: Registry, settings: EmulatorSettings) -> None:
             parse_template(body)
         except TemplateError as exc:
             raise ConfigError(f"template {source.name} ({source.path}): {exc.message}", step="config") from exc
-        registry.put_template(source.name, body, source.hook)
+        registry.put_template(source.name, body, source.hook, _cwd(source))
+
+
+def _cwd(source: TemplateSource) -> Optional[str]:
+    return str(source.hook_cwd) if source.hook_cwd else None
 
 
 def _load_policies(registry: Registry, settings: EmulatorSettings) -> None:

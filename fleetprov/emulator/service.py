@@ -234,6 +234,7 @@ class ProvisioningService:
                     "clientId": caller.client_id,
                     "parameters": dict(parameters),
                 },
+                cwd=record.hook_cwd,
             )
             if not decision.allowed:
                 raise ApiRejection(403, "AccessDenied", decision.reason)

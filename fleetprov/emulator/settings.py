@@ -26,6 +26,7 @@ class TemplateSource:
     name: str
     path: Optional[Path] = None
     hook: Optional[tuple[str, ...]] = None
+    hook_cwd: Optional[Path] = None  # the hook runs here: the YAML file's directory, or where serve started
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,9 @@ def _templates(top: _Reader, base: Path) -> tuple[TemplateSource, ...]:
         if path_text is None:
             raise entry.error("path", "missing: the template's JSON file")
         hook = entry.get("hook", str)
-        sources.append(TemplateSource(str(name), base / path_text, tuple(shlex.split(hook)) if hook else None))
+        sources.append(
+            TemplateSource(str(name), base / path_text, tuple(shlex.split(hook)) if hook else None, base.resolve())
+        )
     return tuple(sources)
 
 
@@ -230,11 +233,12 @@ def with_flags(
     sources = {source.name: source for source in settings.templates}
     for text in templates:
         name, path = _name_value("--template", text)
-        sources[name] = TemplateSource(name, Path(path), sources[name].hook if name in sources else None)
+        previous = sources.get(name, TemplateSource(name))
+        sources[name] = replace(previous, path=Path(path))
     for text in hooks:
         name, command = _name_value("--hook", text)
         existing = sources.get(name, TemplateSource(name))
-        sources[name] = replace(existing, hook=tuple(shlex.split(command)))
+        sources[name] = replace(existing, hook=tuple(shlex.split(command)), hook_cwd=Path.cwd())
     faults = settings.faults
     faults = replace(
         faults,

@@ -549,7 +549,7 @@ class _Evaluator:
         if name not in self._condition_definitions:
             raise _fail(where, f"unknown condition {_brief(name)}")
         if name in self._conditions_being_resolved:
-            cycle = [*self._conditions_being_resolved, name]
+            cycle = [*self._conditions_being_resolved[self._conditions_being_resolved.index(name) :], name]
             raise _fail(f"Conditions.{name}", f"circular reference: {' -> '.join(cycle)}")
         self._conditions_being_resolved.append(name)
         try:
@@ -583,18 +583,9 @@ class _Evaluator:
             raise _fail(where, f"unknown intrinsic function {_brief(function)}")
         return implementation(argument, f"{where}.{function}")
 
-    def _arguments(self, argument: Json, where: str, minimum: int, maximum: int) -> list[Json]:
-        """The function's argument list, checked for length but not evaluated."""
-        if not isinstance(argument, list):
-            raise _expected(where, "a list of arguments", argument)
-        if not minimum <= len(argument) <= maximum:
-            wanted = str(minimum) if minimum == maximum else f"{minimum} to {maximum}"
-            raise _fail(where, f"expected {wanted} arguments, got {len(argument)}")
-        return argument
-
     def _evaluated_arguments(self, argument: Json, where: str, count: int) -> list[Json]:
         # Evaluated one by one rather than as a list, so that AWS::NoValue cannot shift positions.
-        arguments = self._arguments(argument, where, count, count)
+        arguments = _argument_list(argument, where, count, count)
         return [self.value(item, f"{where}[{index}]") for index, item in enumerate(arguments)]
 
     def _ref(self, argument: Json, where: str) -> Json:
@@ -665,7 +656,7 @@ class _Evaluator:
         return _SUB_VARIABLE.sub(substitute, _string(text, text_where))
 
     def _if(self, argument: Json, where: str) -> Json:
-        name, if_true, if_false = self._arguments(argument, where, 3, 3)
+        name, if_true, if_false = _argument_list(argument, where, 3, 3)
         # Only the chosen branch is evaluated: the other may be invalid for these parameters.
         if self.condition(_string(name, f"{where}[0]"), f"{where}[0]"):
             return self.value(if_true, f"{where}[1]")
@@ -687,7 +678,7 @@ class _Evaluator:
 
     def _condition_operands(self, argument: Json, where: str) -> list[bool]:
         # All operands are evaluated (no short-circuit), so a broken one fails whatever the others say.
-        operands = self._arguments(argument, where, 2, _MAX_CONDITION_OPERANDS)
+        operands = _argument_list(argument, where, 2, _MAX_CONDITION_OPERANDS)
         return [
             _boolean(self.value(operand, f"{where}[{index}]"), f"{where}[{index}]")
             for index, operand in enumerate(operands)
@@ -695,6 +686,19 @@ class _Evaluator:
 
     def _condition_reference(self, argument: Json, where: str) -> bool:
         return self.condition(_string(argument, where), where)
+
+
+def _argument_list(argument: Json, where: str, minimum: int, maximum: int) -> list[Json]:
+    """A function's argument list, checked for length but not evaluated."""
+    if not isinstance(argument, list):
+        raise _expected(where, "a list of arguments", argument)
+    if not minimum <= len(argument) <= maximum:
+        if minimum != maximum:
+            wanted = f"{minimum} to {maximum} arguments"
+        else:
+            wanted = "1 argument" if minimum == 1 else f"{minimum} arguments"
+        raise _fail(where, f"expected {wanted}, got {len(argument)}")
+    return argument
 
 
 def _list_index(value: Json, where: str) -> int:

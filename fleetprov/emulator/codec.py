@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -17,11 +18,23 @@ class PayloadError(EmulatorError):
 
 def decode_payload(payload: bytes, payload_format: str) -> Mapping[str, Any]:
     try:
-        value = cbor2.loads(payload) if payload_format == "cbor" else json.loads(payload.decode("utf-8"))
+        value = _load_cbor(payload) if payload_format == "cbor" else json.loads(payload.decode("utf-8"))
+        # JSON's "\ud800" escapes decode to strings that cannot be encoded again; refuse them here rather
+        # than fail later while hashing or storing them.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, TypeError, OverflowError, LookupError, RecursionError, cbor2.CBORDecodeError) as exc:
         raise PayloadError(f"payload is not valid {payload_format.upper()}: {_short(exc)}") from exc
     if not isinstance(value, dict):
         raise PayloadError(f"payload must be a {payload_format.upper()} object, got {type(value).__name__}")
+    return value
+
+
+def _load_cbor(payload: bytes) -> Any:
+    """One CBOR data item and nothing after it (cbor2.loads ignores trailing bytes; json.loads does not)."""
+    stream = io.BytesIO(payload)
+    value = cbor2.CBORDecoder(stream).decode()
+    if stream.tell() != len(payload):
+        raise ValueError(f"{len(payload) - stream.tell()} bytes after the CBOR data item")
     return value
 
 

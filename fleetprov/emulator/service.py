@@ -34,10 +34,11 @@ REGISTER_THING = "RegisterThing"
 
 DEFAULT_TOKEN_TTL = 3600.0
 MAX_PAYLOAD_BYTES = 128 * 1024  # AWS IoT Core's message size limit
+_THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")  # AWS IoT's ThingName pattern
 
 _TOPIC = re.compile(
     r"^\$aws/(?:certificates/(?P<create>create|create-from-csr)"
-    r"|provisioning-templates/(?P<template>[^/+#]+)/provision)/(?P<format>json|cbor)$"
+    r"|provisioning-templates/(?P<template>[^/+#]+)/provision)/(?P<format>json|cbor)\Z"
 )
 
 
@@ -51,7 +52,7 @@ class ApiRequest:
 
 def parse_request_topic(topic: str) -> Optional[ApiRequest]:
     """The API request a topic names, or None when it is not a fleet-provisioning request topic."""
-    match = _TOPIC.match(topic)
+    match = _TOPIC.fullmatch(topic)
     if match is None:
         return None
     if match["template"] is not None:
@@ -218,7 +219,6 @@ class ProvisioningService:
             raise ApiRejection(404, "ResourceNotFound", f"Template {template_name} does not exist")
         certificate_id, certificate_pem = self._redeem_token(body.get("certificateOwnershipToken"))
         parameters = _string_parameters(body.get("parameters"))
-        parameters["AWS::IoT::Certificate::Id"] = certificate_id
         try:
             template = parse_template(record.body)
         except TemplateError as exc:
@@ -239,6 +239,8 @@ class ProvisioningService:
             if not decision.allowed:
                 raise ApiRejection(403, "AccessDenied", decision.reason)
             parameters.update(decision.parameter_overrides)
+        # AWS supplies the certificate id to the template, not to the hook.
+        parameters["AWS::IoT::Certificate::Id"] = certificate_id
         try:
             plan = evaluate(template, parameters)
         except TemplateError as exc:
@@ -323,26 +325,22 @@ class ProvisioningService:
             for name in names:
                 if not self.registry.named_exists(kind, name):
                     raise ApiRejection(404, "ResourceNotFound", f"{label} {name} does not exist")
+        if not _THING_NAME.fullmatch(spec.thing_name):
+            raise ApiRejection(
+                400,
+                "InvalidParameters",
+                f"thing name {spec.thing_name[:40]!r} is not 1-128 characters of letters, digits, ':', '_' or '-'",
+            )
         existing = self.registry.thing(spec.thing_name)
         attributes: Mapping[str, str] = spec.attributes
         thing_type = spec.thing_type_name
-        groups: tuple[str, ...] = spec.thing_groups
+        groups = tuple(sorted(set(spec.thing_groups)))  # membership is a set, as in AWS
         if existing is not None:
-            attributes = _override(
-                "AttributePayload",
-                spec,
-                existing.attributes,
-                spec.attributes,
-                {**existing.attributes, **spec.attributes},
-            )
+            merged_attributes = {**existing.attributes, **spec.attributes}
+            attributes = _override("AttributePayload", spec, existing.attributes, spec.attributes, merged_attributes)
             thing_type = _override("ThingTypeName", spec, existing.thing_type, spec.thing_type_name, None)
-            groups = _override(
-                "ThingGroups",
-                spec,
-                existing.groups,
-                spec.thing_groups,
-                tuple(sorted({*existing.groups, *spec.thing_groups})),
-            )
+            merged_groups = tuple(sorted({*existing.groups, *groups}))
+            groups = _override("ThingGroups", spec, existing.groups, groups, merged_groups)
         self.registry.put_thing(
             spec.thing_name,
             thing_type=thing_type,
@@ -371,6 +369,8 @@ def _string_parameters(value: object) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ApiRejection(400, "InvalidPayload", "parameters must be an object of string values")
     for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
+        if not isinstance(key, str):
+            raise ApiRejection(400, "InvalidPayload", f"parameters: key {key!r} is not a string")
+        if not isinstance(item, str):
             raise ApiRejection(400, "InvalidPayload", f"parameters.{key}: expected a string, got {type(item).__name__}")
     return dict(value)

@@ -6,6 +6,7 @@ files are errors that name the key and the file.
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -119,15 +120,15 @@ def _parse(top: _Reader, state_dir: Path, base: Path) -> EmulatorSettings:
     if not 0 <= port <= 65535:
         raise top.error("port", f"{port} is not a TCP port")
     token_ttl = float(top.get("token_ttl", (int, float), 3600))
-    if token_ttl <= 0:
-        raise top.error("token_ttl", "must be positive")
+    if not (math.isfinite(token_ttl) and token_ttl > 0):
+        raise top.error("token_ttl", "must be a positive number of seconds")
     return EmulatorSettings(
         state_dir=state_dir,
         host=top.get("host", str, "127.0.0.1"),
         port=port,
         token_ttl=token_ttl,
         region=top.get("region", str, "us-east-1"),
-        account=str(top.get("account", (str, int), "123456789012")),
+        account=_account(top),
         templates=_templates(top, base),
         thing_groups=top.strings("thing_groups") or (),
         thing_types=top.strings("thing_types") or (),
@@ -138,17 +139,29 @@ def _parse(top: _Reader, state_dir: Path, base: Path) -> EmulatorSettings:
     )
 
 
+def _account(top: _Reader) -> str:
+    # YAML reads an unquoted 012345678901 as an octal number: only a quoted string keeps the id intact.
+    if isinstance(top.data.get("account"), int):
+        raise top.error("account", "expected a string, got int: quote the account id in YAML")
+    account: str = top.get("account", str, "123456789012")
+    if not (len(account) == 12 and account.isdigit()):
+        raise top.error("account", f"{account!r} is not a 12-digit AWS account id (quote it in YAML)")
+    return account
+
+
 def _templates(top: _Reader, base: Path) -> tuple[TemplateSource, ...]:
     section = top.child("templates")
     if section is None:
         return ()
     sources = []
-    for name in section.data:
-        entry = section.child(str(name)) if isinstance(section.data[name], dict) else None
-        if entry is None:
-            path = section.get(str(name), str)
-            sources.append(TemplateSource(str(name), base / path))
+    for key, value in section.data.items():
+        name = str(key)
+        if isinstance(value, str):
+            sources.append(TemplateSource(name, base / value))
             continue
+        if not isinstance(value, dict):
+            raise section.error(name, "expected the template's JSON file, or a mapping with path and hook")
+        entry = _Reader(value, section.where, f"{section.prefix}{name}.")
         entry.check_keys(["path", "hook"])
         path_text = entry.get("path", str)
         if path_text is None:
@@ -164,7 +177,12 @@ def _policies(top: _Reader, base: Path) -> tuple[tuple[str, Path], ...]:
     section = top.child("policies")
     if section is None:
         return ()
-    return tuple((str(name), base / section.get(str(name), str)) for name in section.data)
+    policies = []
+    for key, value in section.data.items():
+        if not isinstance(value, str):
+            raise section.error(str(key), "expected the policy document's JSON file")
+        policies.append((str(key), base / value))
+    return tuple(policies)
 
 
 def _faults(section: Optional[_Reader]) -> FaultConfig:
@@ -187,12 +205,25 @@ def _faults(section: Optional[_Reader]) -> FaultConfig:
                 where=entry,
             )
         )
-    return FaultConfig(
+    faults = FaultConfig(
         reply_delay=float(section.get("reply_delay", (int, float), 0.0)),
         close_after_messages=section.get("close_after_messages", int),
         throttle_per_second=section.get("throttle_per_second", (int, float)),
         reject=tuple(rejections),
     )
+    return checked_faults(faults, section.where)
+
+
+def checked_faults(faults: FaultConfig, where: str) -> FaultConfig:
+    """Fault values in range; ``where`` names the file or the flags they came from."""
+    reader = _Reader({}, where, "faults.")
+    if not (math.isfinite(faults.reply_delay) and faults.reply_delay >= 0):
+        raise reader.error("reply_delay", "must be zero or a positive number of seconds")
+    if faults.close_after_messages is not None and faults.close_after_messages < 0:
+        raise reader.error("close_after_messages", "must be zero or more")
+    if faults.throttle_per_second is not None and not faults.throttle_per_second > 0:
+        raise reader.error("throttle_per_second", "must be a positive rate")
+    return faults
 
 
 def forced_rejection(
@@ -200,8 +231,10 @@ def forced_rejection(
 ) -> ForcedRejection:
     if operation not in OPERATIONS:
         raise where.error("operation", f"{operation!r} is not one of {', '.join(OPERATIONS)}")
-    if count < 1 or not 100 <= status_code <= 599:
-        raise where.error("count", "count must be >= 1 and status_code an HTTP status")
+    if count < 1:
+        raise where.error("count", f"{count} is not a positive number of requests")
+    if not 100 <= status_code <= 599:
+        raise where.error("status_code", f"{status_code} is not an HTTP status code")
     return ForcedRejection(operation, count, status_code, error_code, error_message)
 
 
@@ -247,6 +280,11 @@ def with_flags(
         throttle_per_second=faults.throttle_per_second if throttle is None else throttle,
         reject=faults.reject + tuple(parse_reject_flag(text) for text in rejects),
     )
+    faults = checked_faults(faults, "command line")
+    if token_ttl is not None and not (math.isfinite(token_ttl) and token_ttl > 0):
+        raise ConfigError(f"--token-ttl {token_ttl}: must be a positive number of seconds", step="config")
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: not a TCP port", step="config")
     return replace(
         settings,
         host=host or settings.host,

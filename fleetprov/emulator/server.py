@@ -195,10 +195,15 @@ async def serve(settings: EmulatorSettings, stop: Optional[asyncio.Event] = None
         region=settings.region,
         account=settings.account,
     )
+    amqtt_log = logging.getLogger("amqtt.broker")
+    level = amqtt_log.level
+    amqtt_log.setLevel(logging.CRITICAL)  # amqtt logs a traceback for a busy port; we say it in one line
     try:
         await broker.start()
     except Exception as exc:  # amqtt wraps every start failure (port in use, bad address) in BrokerError
         raise EmulatorError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
+    finally:
+        amqtt_log.setLevel(level)
     port = broker.listening_port()
     stop = stop or _stop_on_signals()
     sweeper = asyncio.ensure_future(_sweep_expired(registry, min(SWEEP_INTERVAL_SECONDS, settings.token_ttl / 2)))

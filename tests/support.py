@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import cbor2
 from awscrt import mqtt, mqtt_request_response
-from awsiot import iotidentity, mqtt_connection_builder
+from awsiot import V2ServiceException, iotidentity, mqtt_connection_builder
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -164,8 +164,6 @@ def write_identity(directory: Path, certificate_pem: str, private_key_pem: bytes
 
 def rejection(future: Future[Any], timeout: float = 20) -> iotidentity.V2ErrorResponse:
     """The modeled error of a V2 operation that must fail with a /rejected reply."""
-    from awsiot import V2ServiceException
-
     try:
         result = future.result(timeout)
     except V2ServiceException as exc:
@@ -174,13 +172,8 @@ def rejection(future: Future[Any], timeout: float = 20) -> iotidentity.V2ErrorRe
     raise AssertionError(f"expected a rejection, got {result}")
 
 
-def provision_csr(
-    emulator: Emulator,
-    client_id: str,
-    parameters: dict[str, str],
-    template: str = "fleetprov-demo",
-) -> tuple[iotidentity.RegisterThingResponse, str, Any, str]:
-    """Claim connection, CreateCertificateFromCsr, RegisterThing. Returns (reply, certificate pem, key, id)."""
+def register(emulator: Emulator, template: str, parameters: dict[str, str], client_id: str) -> dict[str, Any]:
+    """Create a certificate from a CSR and register it; returns what happened, accepted or rejected."""
     connection = connect_claim(emulator, client_id)
     try:
         client = identity_v2(connection)
@@ -188,16 +181,49 @@ def provision_csr(
         created = client.create_certificate_from_csr(
             iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr)
         ).result(20)
-        registered = client.register_thing(
+        future = client.register_thing(
             iotidentity.RegisterThingRequest(
                 template_name=template,
                 certificate_ownership_token=created.certificate_ownership_token,
                 parameters=parameters,
             )
-        ).result(20)
-        return registered, created.certificate_pem, key, created.certificate_id
+        )
+        try:
+            reply = future.result(30)
+        except V2ServiceException as exc:
+            error = exc.modeled_error
+            assert error is not None, f"no rejected reply: {exc.message} {exc.inner_error}"
+            return {"rejected": (error.status_code, error.error_code, error.error_message)}
+        return {
+            "thing": reply.thing_name,
+            "config": reply.device_configuration,
+            "certificate_id": created.certificate_id,
+            "certificate_pem": created.certificate_pem,
+            "key": key,
+        }
     finally:
         connection.disconnect().result(10)
+
+
+@dataclass(frozen=True)
+class Registered:
+    thing_name: str
+    device_configuration: dict[str, str]
+
+
+def provision_csr(
+    emulator: Emulator,
+    client_id: str,
+    parameters: dict[str, str],
+    template: str = "fleetprov-demo",
+) -> tuple[Registered, str, Any, str]:
+    """Claim connection, CreateCertificateFromCsr, RegisterThing that must be accepted.
+
+    Returns (registration, certificate PEM, private key, certificate id)."""
+    result = register(emulator, template, parameters, client_id)
+    assert "rejected" not in result, result["rejected"]
+    registered = Registered(result["thing"], result["config"])
+    return registered, result["certificate_pem"], result["key"], result["certificate_id"]
 
 
 class RawClient:

@@ -35,6 +35,7 @@ from fleetprov.emulator.service import Caller, ProvisioningService, Reply, parse
 log = logging.getLogger(__name__)
 
 ALPN_MQTT_ON_443 = "x-amzn-mqtt-ca"
+MAX_CACHED_DECISIONS = 256
 
 _IOT_ACTIONS = {
     Action.PUBLISH: "iot:Publish",
@@ -67,6 +68,19 @@ class Connection:
     refusal: str = ""
     messages: int = 0
     pending: set[asyncio.Future[Any]] = field(default_factory=set)
+    decisions: dict[tuple[str, str], bool] = field(default_factory=dict)
+
+    def allows(self, action: str, resource: str) -> bool:
+        """The policy decision, remembered: a device asks the same few questions many times."""
+        if self.identity is None:
+            return False
+        key = (action, resource)
+        decision = self.decisions.get(key)
+        if decision is None:
+            if len(self.decisions) >= MAX_CACHED_DECISIONS:
+                self.decisions.clear()  # a client walking endless topics must not grow memory
+            decision = self.decisions[key] = self.identity.allows(action, resource)
+        return decision
 
 
 class EmulatorBroker(Broker):  # type: ignore[misc]
@@ -158,7 +172,7 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
         connection = self._connections.get(id(session))
         if connection is None or connection.identity is None:
             return False
-        allowed = connection.identity.allows(_IOT_ACTIONS[action], topic)
+        allowed = connection.allows(_IOT_ACTIONS[action], topic)
         if not allowed and action in (Action.PUBLISH, Action.SUBSCRIBE):
             await self._drop(connection, f"policy does not allow {_IOT_ACTIONS[action]} on {topic!r}")
         return allowed
@@ -200,14 +214,11 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
 
     def _send_reply(self, connection: Connection, session: Session, reply: Reply) -> None:
         """Publish a reply to the requesting connection alone, if it subscribed to the reply topic (as AWS)."""
-        identity = connection.identity
-        if identity is None:
-            return
         qos = self._subscribed_qos(session, reply.topic)
         if qos is None:
             log.info("%r did not subscribe to %s: reply dropped", connection.client_id, reply.topic)
             return
-        if not identity.allows("iot:Receive", reply.topic):
+        if not connection.allows("iot:Receive", reply.topic):
             log.info("%r may not receive %s: reply dropped", connection.client_id, reply.topic)
             return
         # Not awaited: a client that never acknowledges must not stall its own message loop.

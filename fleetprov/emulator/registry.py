@@ -48,10 +48,12 @@ CREATE TABLE IF NOT EXISTS thing_group_members (
 CREATE TABLE IF NOT EXISTS thing_principals (
     thing TEXT NOT NULL, certificate_id TEXT NOT NULL, PRIMARY KEY (thing, certificate_id)
 );
+CREATE INDEX IF NOT EXISTS thing_principals_by_certificate ON thing_principals (certificate_id);
 CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, document TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policy_principals (
     policy TEXT NOT NULL, certificate_id TEXT NOT NULL, PRIMARY KEY (policy, certificate_id)
 );
+CREATE INDEX IF NOT EXISTS policy_principals_by_certificate ON policy_principals (certificate_id);
 CREATE TABLE IF NOT EXISTS expired_tokens (   -- so that a late RegisterThing hears "expired", not "invalid"
     token_hash TEXT PRIMARY KEY, certificate_id TEXT NOT NULL
 );

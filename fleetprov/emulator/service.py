@@ -291,11 +291,9 @@ class ProvisioningService:
                 self._put_thing(plan.thing)
                 self.registry.attach_thing_principal(plan.thing.thing_name, certificate_id)
             current = self.registry.certificate(certificate_id)
-            keep_status = (
-                current is not None
-                and current.status != "PENDING_ACTIVATION"
-                and plan.certificate.status_override == "DO_NOTHING"
-            )
+            if current is None:  # its token expired while the hook ran, and the sweeper deleted it
+                raise ApiRejection(400, "InvalidCertificateOwnershipToken", "Certificate ownership token has expired.")
+            keep_status = current.status != "PENDING_ACTIVATION" and plan.certificate.status_override == "DO_NOTHING"
             if not keep_status:
                 self.registry.set_certificate_status(certificate_id, plan.certificate.status)
             for name, document in policies:

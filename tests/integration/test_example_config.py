@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.integration.test_register_thing import register
+from tests.support import register
 
 EXAMPLE = Path(__file__).parent.parent.parent / "configs" / "emulator.example.yaml"
 

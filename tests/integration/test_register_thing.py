@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from awsiot import V2ServiceException, iotidentity
+from awsiot import iotidentity
 
 from tests.support import (
     Emulator,
@@ -17,7 +17,7 @@ from tests.support import (
     connect_claim,
     identity_v2,
     key_pem,
-    make_csr,
+    register,
     rejection,
     start_emulator,
     write_identity,
@@ -48,39 +48,6 @@ billing_groups: [paying]
     running = start_emulator(base / "state", "--config", str(config))
     yield running
     assert running.stop() == 0, running.log()
-
-
-def register(emulator: Emulator, template: str, parameters: dict[str, str], client_id: str) -> dict[str, Any]:
-    """Create a certificate from a CSR and register it; returns what happened, accepted or rejected."""
-    connection = connect_claim(emulator, client_id)
-    try:
-        client = identity_v2(connection)
-        csr, key = make_csr()
-        created = client.create_certificate_from_csr(
-            iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr)
-        ).result(20)
-        future = client.register_thing(
-            iotidentity.RegisterThingRequest(
-                template_name=template,
-                certificate_ownership_token=created.certificate_ownership_token,
-                parameters=parameters,
-            )
-        )
-        try:
-            reply = future.result(30)
-        except V2ServiceException as exc:
-            error = exc.modeled_error
-            assert error is not None, f"no rejected reply: {exc.message} {exc.inner_error}"
-            return {"rejected": (error.status_code, error.error_code, error.error_message)}
-        return {
-            "thing": reply.thing_name,
-            "config": reply.device_configuration,
-            "certificate_id": created.certificate_id,
-            "certificate_pem": created.certificate_pem,
-            "key": key,
-        }
-    finally:
-        connection.disconnect().result(10)
 
 
 def _thing(emulator: Emulator, name: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ def configured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
 templates:
   sensor: {DATA / "sensor-template.json"}
   orphan: {DATA / "orphan-group-template.json"}
+  strict: {DATA / "strict-template.json"}
   hooked:
     path: {DATA.parent.parent / "fleetprov/emulator/data/demo-template.json"}
     hook: {sys.executable} {DATA / "hook.py"}
@@ -132,6 +133,30 @@ def test_rejections(
     got_status, got_code, got_message = result["rejected"]
     assert (got_status, got_code) == (status, code)
     assert message in got_message
+
+
+def test_fail_and_replace_override_settings(configured: Emulator) -> None:
+    first = register(configured, "strict", {"ThingName": "strict-1", "Color": "red", "Group": "prod-devices"}, "s1")
+    assert first["thing"] == "strict-1"
+    # Same attributes, other group: FAIL lets equal values through, REPLACE swaps the groups.
+    register(configured, "strict", {"ThingName": "strict-1", "Color": "red", "Group": "dev-devices"}, "s2")
+    assert _thing(configured, "strict-1")["thingGroups"] == ["dev-devices"]
+    conflict = register(configured, "strict", {"ThingName": "strict-1", "Color": "blue", "Group": "dev-devices"}, "s3")
+    assert conflict["rejected"][:2] == (409, "ResourceConflictsException")
+    assert "AttributePayload" in conflict["rejected"][2]
+    assert _thing(configured, "strict-1")["attributes"] == {"color": "red"}
+
+
+def test_named_policy_that_does_not_exist(configured: Emulator) -> None:
+    result = register(
+        configured,
+        "strict",
+        {"ThingName": "strict-2", "Color": "red", "Group": "prod-devices", "PolicyName": "no-such-policy"},
+        "s4",
+    )
+    assert result["rejected"][:2] == (404, "ResourceNotFound")
+    assert "no-such-policy" in result["rejected"][2]
+    assert not [t for t in configured.admin("things") if t["thingName"] == "strict-2"]
 
 
 def test_hook_allows_and_overrides_parameters(configured: Emulator) -> None:

@@ -1,15 +1,25 @@
-"""Command line: parse arguments, run a sub-command, turn errors into exit codes (see README)."""
+"""Command line: parse arguments, run a sub-command, turn errors into exit codes (see README "Exit codes").
+
+fleetprov --once [--config PATH]        provision if needed, verify by connecting, exit
+fleetprov status [--json]               what this device's identity is, and how the last run ended
+fleetprov check-config                  the effective configuration, secrets redacted
+fleetprov emulator ...                  the local AWS IoT emulator
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from fleetprov import __version__
-from fleetprov.errors import EX_USAGE, FleetprovError
+from fleetprov.errors import EX_OK, EX_USAGE, FleetprovError
 
 log = logging.getLogger("fleetprov")
 
@@ -20,7 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fleetprov {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--config", type=Path, help="configuration file (default: $FLEETPROV_CONFIG or /etc/fleetprov/config.yaml)"
+    )
+    parser.add_argument("--once", action="store_true", help="provision if needed, verify by connecting, exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # `--config` is accepted after the command too ("fleetprov status --config X"); SUPPRESS keeps a value
+    # given before the command.
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="configuration file")
+
+    status = commands.add_parser(
+        "status", parents=[config_option], help="show this device's identity and the last run's outcome"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_status)
+
+    check = commands.add_parser(
+        "check-config", parents=[config_option], help="print the effective configuration, secrets redacted"
+    )
+    check.set_defaults(handler=_check_config)
+
     emulator = commands.add_parser("emulator", help="local emulator of the AWS IoT fleet-provisioning endpoint")
     from fleetprov.emulator.cli import add_emulator_commands
 
@@ -28,24 +59,110 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging(verbose: bool) -> None:
+    if sys.stderr.isatty():
+        fmt = "%(message)s"  # a person is watching: progress lines, no timestamps
+    elif os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(message)s"  # journald stamps each line itself
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+    if not verbose:
+        # amqtt and transitions log every connection at INFO; keep fleetprov's own lines readable.
+        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        logging.getLogger("transitions").setLevel(logging.WARNING)
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    from fleetprov.config import DEFAULT_CONFIG_PATH
+
+    if args.config is not None:
+        return Path(args.config)
+    return Path(os.environ.get("FLEETPROV_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def _load_config(args: argparse.Namespace) -> Any:
+    from fleetprov.config import load_config
+
+    config = load_config(config_path(args))
+    if not args.verbose:
+        logging.getLogger().setLevel(config.log_level.upper())
+    return config
+
+
+def _once(args: argparse.Namespace) -> int:
+    from fleetprov.agent import once, record_last_run
+
+    config = _load_config(args)
+    try:
+        outcome = asyncio.run(once(config))
+    except FleetprovError as exc:
+        record_last_run(config.state_dir, exc.exit_code, exc)
+        raise
+    record_last_run(config.state_dir, EX_OK, None)
+    generation = outcome.generation
+    verb = "provisioned" if outcome.provisioned else "already provisioned; verified"
+    print(f"{verb}: thing {generation.manifest.thing_name}, certificate {generation.manifest.certificate_id}")
+    print(f"credentials: {config.state_dir / 'current'} -> {generation.path}")
+    return EX_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fleetprov.agent import read_last_run
+    from fleetprov.store import Store
+
+    config = _load_config(args)
+    store = Store(config.state_dir)
+    current = store.current() if config.state_dir.is_dir() else None
+    status: dict[str, Any] = {"provisioned": current is not None, "state_dir": str(config.state_dir)}
+    if current is not None:
+        manifest = current.manifest
+        status.update(
+            thing_name=manifest.thing_name,
+            certificate_id=manifest.certificate_id,
+            not_after=manifest.not_after,
+            endpoint=manifest.endpoint,
+            key_backend=manifest.key_reference.split(":", 1)[0],
+            generation=current.number,
+            provisioned_at=manifest.provisioned_at,
+        )
+    status["last_run"] = read_last_run(config.state_dir)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        for key, value in status.items():
+            shown = value
+            if key == "last_run" and isinstance(value, dict):
+                shown = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+            print(f"{key.replace('_', ' ')}: {shown if shown is not None else '-'}")
+    return EX_OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from fleetprov.config import render_config
+
+    sys.stdout.write(render_config(_load_config(args)))
+    return EX_OK
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.verbose is False:
-        # amqtt logs every connection at INFO; keep our own messages readable.
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
-        logging.getLogger("transitions").setLevel(logging.WARNING)
-    if args.command is None:
+    _setup_logging(args.verbose)
+    if args.once and args.command is not None:
         parser.print_usage(sys.stderr)
-        print("fleetprov: error: a command is required", file=sys.stderr)
+        print("fleetprov: error: --once runs on its own, without a command", file=sys.stderr)
+        return EX_USAGE
+    if args.once:
+        handler = _once
+    elif args.command is not None:
+        handler = args.handler
+    else:
+        parser.print_usage(sys.stderr)
+        print("fleetprov: error: give --once or a command (the long-running daemon is not built yet)", file=sys.stderr)
         return EX_USAGE
     try:
-        result: int = args.handler(args)
+        result: int = handler(args)
         return result
     except FleetprovError as exc:
         print(f"fleetprov: {exc}", file=sys.stderr)

@@ -7,11 +7,9 @@ import contextlib
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from fleetprov.emulator.launch import RunningEmulator, launch
+from fleetprov.errors import EmulatorError
 
 ENDPOINT_WAIT_SECONDS = 60
 CONNECT_TIMEOUT = 30
@@ -41,6 +42,7 @@ class Emulator:
     claim_certificate_id: str
     templates: list[str]
     log_path: Path
+    running: RunningEmulator
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -55,41 +57,19 @@ class Emulator:
         return json.loads(out) if out.strip() else None
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return self.running.stop()
 
 
 def start_emulator(state_dir: Path, *extra: str) -> Emulator:
-    state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"{state_dir.name}.log"
-    endpoint = state_dir / "endpoint.json"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fleetprov", "emulator", "serve", "--state-dir", str(state_dir), "--port", "0",
-             *extra],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    deadline = time.monotonic() + ENDPOINT_WAIT_SECONDS
-    while not endpoint.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"emulator exited {process.returncode}:\n{log_path.read_text()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(
-                f"emulator wrote no endpoint.json in {ENDPOINT_WAIT_SECONDS}s:\n{log_path.read_text()}"
-            )
-        time.sleep(0.05)
-    info = json.loads(endpoint.read_text())
+    try:
+        running = launch(state_dir, *extra, log_path=log_path, wait=ENDPOINT_WAIT_SECONDS)
+    except EmulatorError as exc:
+        raise AssertionError(f"{exc}:\n{log_path.read_text()}") from exc
+    info = running.endpoint
     return Emulator(
         state_dir=state_dir,
-        process=process,
+        process=running.process,
         host=info["host"],
         port=info["port"],
         root_ca=Path(info["root_ca"]),
@@ -98,6 +78,7 @@ def start_emulator(state_dir: Path, *extra: str) -> Emulator:
         claim_certificate_id=info["claim_certificate_id"],
         templates=info["templates"],
         log_path=log_path,
+        running=running,
     )
 
 
@@ -276,3 +257,29 @@ class RawClient:
 
 def raw_claim(emulator: Emulator, client_id: str) -> RawClient:
     return RawClient(emulator, emulator.claim_cert, emulator.claim_key, client_id)
+
+
+def fleetprov(
+    *args: str, timeout: float = 120, env: Optional[dict[str, str]] = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the fleetprov command as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "fleetprov", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def device_config(emulator: Emulator, directory: Path, *options: str) -> Path:
+    """A device configuration for this emulator, from `fleetprov emulator device-config`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    result = fleetprov(
+        "emulator", "device-config", "--state-dir", str(emulator.state_dir),
+        "--state-dir-for-device", str(directory / "state"), *options,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    path = directory / "config.yaml"
+    path.write_text(result.stdout)
+    return path

@@ -101,6 +101,8 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
         self.region = region
         self.account = account
         self._connections: dict[int, Connection] = {}
+        # Set once the listener is bound: on port 443, ALPN x-amzn-mqtt-ca is required.
+        self.require_alpn = False
 
     def listening_port(self) -> int:
         """The port the listener bound (the configured one, or the free one chosen for port 0)."""
@@ -132,11 +134,21 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
     ) -> None:
         ssl_object = writer.get_ssl_info()
         peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         client_id = client_session.client_id or ""
         try:
-            identity: Optional[Identity] = identify(
-                self.registry, peer_der, client_id, region=self.region, account=self.account
+            if self.require_alpn and alpn != ALPN_MQTT_ON_443:
+                # AWS IoT Core speaks MQTT on 443 only to clients that ask for it with ALPN.
+                raise ConnectionRefused(f"MQTT on port 443 needs TLS ALPN {ALPN_MQTT_ON_443}, got {alpn}")
+            found = identify(self.registry, peer_der, client_id, region=self.region, account=self.account)
+            log.info(
+                "client %r connected: %s certificate %s, TLS ALPN %s",
+                client_id,
+                found.kind,
+                found.certificate_id[:12],
+                alpn or "-",
             )
+            identity: Optional[Identity] = found
             refusal = ""
         except ConnectionRefused as exc:
             identity, refusal = None, exc.message

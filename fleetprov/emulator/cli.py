@@ -31,6 +31,11 @@ def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
         "--reject", action="append", default=[], metavar="OP:COUNT:STATUS:CODE",
         help="fault: reject the next COUNT requests of OP, e.g. RegisterThing:2:500:InternalFailure",
     )  # fmt: skip
+    serve.add_argument(
+        "--tamper", action="append", default=[], metavar="OP",
+        help="fault: make OP's accepted replies inconsistent (certificate for another key, wrong private key, "
+        "no thingName)",
+    )  # fmt: skip
     serve.set_defaults(handler=_serve)
 
     things = commands.add_parser("things", help="list things as JSON")
@@ -46,6 +51,18 @@ def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
     status.add_argument("certificate_id")
     status.add_argument("status", choices=["ACTIVE", "INACTIVE", "REVOKED"])
     status.set_defaults(handler=_set_status)
+
+    device = commands.add_parser(
+        "device-config", help="print a complete fleetprov configuration for a device of this running emulator"
+    )
+    _state_dir(device)
+    device.add_argument("--method", choices=["csr", "create-keys"], default="csr")
+    device.add_argument("--key-type", choices=["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"], default="ec-p256")
+    device.add_argument("--template", help="provisioning template (default: the first the emulator serves)")
+    device.add_argument("--protocol", type=int, choices=[3, 5], default=3, help="MQTT 3.1.1 or 5")
+    device.add_argument("--state-dir-for-device", type=Path, help="the device's state directory")
+    device.add_argument("--serial", help="SerialNumber template parameter (default: a new random one)")
+    device.set_defaults(handler=_device_config)
 
     claim = commands.add_parser("claim", help="issue another claim certificate and key into --out")
     _state_dir(claim)
@@ -73,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         throttle=args.throttle,
         rejects=args.reject,
         thing_groups=args.thing_group,
+        tamper=args.tamper,
     )
     asyncio.run(serve(settings))
     return EX_OK
@@ -132,6 +150,41 @@ def _certificates(args: argparse.Namespace) -> int:
 def _set_status(args: argparse.Namespace) -> int:
     registry = _existing_registry(args.state_dir)
     registry.set_certificate_status(args.certificate_id, args.status)
+    return EX_OK
+
+
+def _device_config(args: argparse.Namespace) -> int:
+    import secrets
+
+    import yaml
+
+    endpoint_path = args.state_dir / "endpoint.json"
+    try:
+        endpoint = json.loads(endpoint_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EmulatorError(f"{endpoint_path} is missing or unreadable: is the emulator running?") from exc
+    templates = endpoint.get("templates") or []
+    template = args.template or (templates[0] if templates else None)
+    if template not in templates:
+        raise EmulatorError(f"the emulator serves no template {template!r} (it serves: {', '.join(templates)})")
+    host = "localhost" if endpoint["host"] in ("127.0.0.1", "::1", "localhost") else endpoint["host"]
+    device_state = args.state_dir_for_device or Path.cwd() / "fleetprov-state"
+    config = {
+        "endpoint": host,
+        "port": endpoint["port"],
+        "root_ca": endpoint["root_ca"],
+        "mqtt_version": args.protocol,
+        "claim": {"certificate": endpoint["claim_certificate"], "private_key": endpoint["claim_private_key"]},
+        "provisioning": {
+            "template": template,
+            "method": args.method,
+            "key_type": args.key_type,
+            "parameters": {"static": {"SerialNumber": args.serial or f"emu-{secrets.token_hex(4)}"}},
+        },
+        "state_dir": str(device_state.resolve()),
+    }
+    sys.stdout.write(f"# fleetprov configuration for the emulator in {args.state_dir}\n")
+    sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
     return EX_OK
 
 

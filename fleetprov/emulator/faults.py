@@ -29,6 +29,10 @@ class FaultConfig:
     close_after_messages: Optional[int] = None
     throttle_per_second: Optional[float] = None
     reject: tuple[ForcedRejection, ...] = field(default_factory=tuple)
+    # Operations whose accepted replies are made inconsistent: a certificate for another key
+    # (CreateCertificateFromCsr), a private key that does not match (CreateKeysAndCertificate), no
+    # thingName (RegisterThing). For testing a device's checks.
+    tamper: tuple[str, ...] = ()
 
 
 class Faults:

@@ -205,6 +205,7 @@ async def serve(settings: EmulatorSettings, stop: Optional[asyncio.Event] = None
     finally:
         amqtt_log.setLevel(level)
     port = broker.listening_port()
+    broker.require_alpn = port == 443
     stop = stop or _stop_on_signals()
     sweeper = asyncio.ensure_future(_sweep_expired(registry, min(SWEEP_INTERVAL_SECONDS, settings.token_ttl / 2)))
     try:

@@ -117,6 +117,8 @@ class ProvisioningService:
                 raise ApiRejection(forced.status_code, forced.error_code, forced.error_message)
             body = self._decode(request, payload)
             result = await self._dispatch(request, body, caller)
+            if request.operation in self.faults.config.tamper:
+                result = self._tampered(request.operation, result)
             reply = self._reply(request, result, accepted=True)
         except ApiRejection as rejection:
             log.info(
@@ -140,6 +142,15 @@ class ProvisioningService:
         if self.faults.config.reply_delay > 0:
             await asyncio.sleep(self.faults.config.reply_delay)
         return reply
+
+    def _tampered(self, operation: str, result: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The fault knob `tamper`: a well-formed reply that a careful device must refuse."""
+        if operation == REGISTER_THING:
+            return {key: value for key, value in result.items() if key != "thingName"}
+        stranger, stranger_key = self.issuer.create_keys_and_certificate()
+        if operation == CREATE_FROM_CSR:
+            return {**result, "certificatePem": stranger.certificate_pem}
+        return {**result, "privateKey": stranger_key}
 
     def _reply(self, request: ApiRequest, body: Mapping[str, Any], *, accepted: bool) -> Reply:
         suffix = "accepted" if accepted else "rejected"

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
-
-import yaml
+from typing import Optional
 
 from fleetprov.emulator.faults import OPERATIONS, FaultConfig, ForcedRejection
 from fleetprov.errors import ConfigError
+from fleetprov.yamlread import YamlReader, load_yaml_mapping
 
 DEFAULT_TEMPLATE_NAME = "fleetprov-demo"
 DEFAULT_TEMPLATE_PATH = Path(__file__).parent / "data" / "demo-template.json"
@@ -47,69 +46,13 @@ class EmulatorSettings:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
-class _Reader:
-    """Typed access to one mapping of the YAML file; every error names the key path and the file."""
-
-    def __init__(self, data: Mapping[str, Any], where: str, prefix: str = "") -> None:
-        self.data = data
-        self.where = where
-        self.prefix = prefix
-
-    def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {self.prefix}{key}: {problem}", step="config")
-
-    def check_keys(self, allowed: Sequence[str]) -> None:
-        for key in self.data:
-            if key not in allowed:
-                raise self.error(str(key), f"unknown key (known: {', '.join(allowed)})")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-        value = self.data.get(key, default)
-        if value is None:
-            return default
-        # bool is an int in Python; a port of `true` is still a mistake.
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise self.error(key, f"expected {_kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise self.error(key, f"expected {_kind_name(kind)}, got {type(value).__name__}")
-        return value
-
-    def strings(self, key: str) -> Optional[tuple[str, ...]]:
-        value = self.get(key, list)
-        if value is None:
-            return None
-        if not all(isinstance(item, str) and item for item in value):
-            raise self.error(key, "expected a list of non-empty strings")
-        return tuple(value)
-
-    def child(self, key: str) -> Optional[_Reader]:
-        value = self.get(key, dict)
-        return None if value is None else _Reader(value, self.where, f"{self.prefix}{key}.")
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
 def load_settings(path: Optional[Path], state_dir: Path) -> EmulatorSettings:
     if path is None:
         return EmulatorSettings(state_dir=state_dir)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}", step="config") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}", step="config") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level", step="config")
-    return _parse(_Reader(data, str(path)), state_dir, path.parent)
+    return _parse(YamlReader(load_yaml_mapping(path), str(path)), state_dir, path.parent)
 
 
-def _parse(top: _Reader, state_dir: Path, base: Path) -> EmulatorSettings:
+def _parse(top: YamlReader, state_dir: Path, base: Path) -> EmulatorSettings:
     top.check_keys(
         [
             "host", "port", "token_ttl", "region", "account", "templates", "thing_groups", "thing_types",
@@ -119,7 +62,7 @@ def _parse(top: _Reader, state_dir: Path, base: Path) -> EmulatorSettings:
     port = top.get("port", int, 0)
     if not 0 <= port <= 65535:
         raise top.error("port", f"{port} is not a TCP port")
-    token_ttl = float(top.get("token_ttl", (int, float), 3600))
+    token_ttl = top.number("token_ttl", 3600.0)
     if not (math.isfinite(token_ttl) and token_ttl > 0):
         raise top.error("token_ttl", "must be a positive number of seconds")
     return EmulatorSettings(
@@ -139,7 +82,7 @@ def _parse(top: _Reader, state_dir: Path, base: Path) -> EmulatorSettings:
     )
 
 
-def _account(top: _Reader) -> str:
+def _account(top: YamlReader) -> str:
     # YAML reads an unquoted 012345678901 as an octal number: only a quoted string keeps the id intact.
     if isinstance(top.data.get("account"), int):
         raise top.error("account", "expected a string, got int: quote the account id in YAML")
@@ -149,7 +92,7 @@ def _account(top: _Reader) -> str:
     return account
 
 
-def _templates(top: _Reader, base: Path) -> tuple[TemplateSource, ...]:
+def _templates(top: YamlReader, base: Path) -> tuple[TemplateSource, ...]:
     section = top.child("templates")
     if section is None:
         return ()
@@ -161,7 +104,7 @@ def _templates(top: _Reader, base: Path) -> tuple[TemplateSource, ...]:
             continue
         if not isinstance(value, dict):
             raise section.error(name, "expected the template's JSON file, or a mapping with path and hook")
-        entry = _Reader(value, section.where, f"{section.prefix}{name}.")
+        entry = YamlReader(value, section.where, f"{section.prefix}{name}.")
         entry.check_keys(["path", "hook"])
         path_text = entry.get("path", str)
         if path_text is None:
@@ -173,7 +116,7 @@ def _templates(top: _Reader, base: Path) -> tuple[TemplateSource, ...]:
     return tuple(sources)
 
 
-def _policies(top: _Reader, base: Path) -> tuple[tuple[str, Path], ...]:
+def _policies(top: YamlReader, base: Path) -> tuple[tuple[str, Path], ...]:
     section = top.child("policies")
     if section is None:
         return ()
@@ -185,15 +128,15 @@ def _policies(top: _Reader, base: Path) -> tuple[tuple[str, Path], ...]:
     return tuple(policies)
 
 
-def _faults(section: Optional[_Reader]) -> FaultConfig:
+def _faults(section: Optional[YamlReader]) -> FaultConfig:
     if section is None:
         return FaultConfig()
-    section.check_keys(["reply_delay", "close_after_messages", "throttle_per_second", "reject"])
+    section.check_keys(["reply_delay", "close_after_messages", "throttle_per_second", "reject", "tamper"])
     rejections = []
     for index, item in enumerate(section.get("reject", list, [])):
         if not isinstance(item, dict):
             raise section.error(f"reject[{index}]", "expected a mapping")
-        entry = _Reader(item, section.where, f"{section.prefix}reject[{index}].")
+        entry = YamlReader(item, section.where, f"{section.prefix}reject[{index}].")
         entry.check_keys(["operation", "count", "status_code", "error_code", "error_message"])
         rejections.append(
             forced_rejection(
@@ -206,28 +149,32 @@ def _faults(section: Optional[_Reader]) -> FaultConfig:
             )
         )
     faults = FaultConfig(
-        reply_delay=float(section.get("reply_delay", (int, float), 0.0)),
+        reply_delay=section.number("reply_delay", 0.0),
         close_after_messages=section.get("close_after_messages", int),
         throttle_per_second=section.get("throttle_per_second", (int, float)),
         reject=tuple(rejections),
+        tamper=section.strings("tamper") or (),
     )
     return checked_faults(faults, section.where)
 
 
 def checked_faults(faults: FaultConfig, where: str) -> FaultConfig:
     """Fault values in range; ``where`` names the file or the flags they came from."""
-    reader = _Reader({}, where, "faults.")
+    reader = YamlReader({}, where, "faults.")
     if not (math.isfinite(faults.reply_delay) and faults.reply_delay >= 0):
         raise reader.error("reply_delay", "must be zero or a positive number of seconds")
     if faults.close_after_messages is not None and faults.close_after_messages < 0:
         raise reader.error("close_after_messages", "must be zero or more")
     if faults.throttle_per_second is not None and not faults.throttle_per_second > 0:
         raise reader.error("throttle_per_second", "must be a positive rate")
+    for operation in faults.tamper:
+        if operation not in OPERATIONS:
+            raise reader.error("tamper", f"{operation!r} is not one of {', '.join(OPERATIONS)}")
     return faults
 
 
 def forced_rejection(
-    operation: str, count: int, status_code: int, error_code: str, error_message: str, *, where: _Reader
+    operation: str, count: int, status_code: int, error_code: str, error_message: str, *, where: YamlReader
 ) -> ForcedRejection:
     if operation not in OPERATIONS:
         raise where.error("operation", f"{operation!r} is not one of {', '.join(OPERATIONS)}")
@@ -241,7 +188,7 @@ def forced_rejection(
 def parse_reject_flag(text: str) -> ForcedRejection:
     """``--reject OPERATION:COUNT:STATUS:ERROR_CODE``, e.g. ``RegisterThing:2:500:InternalFailure``."""
     parts = text.split(":")
-    flag = _Reader({}, "--reject", "")
+    flag = YamlReader({}, "--reject", "")
     if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
         raise flag.error(text, "expected OPERATION:COUNT:STATUS:ERROR_CODE, e.g. RegisterThing:2:500:InternalFailure")
     return forced_rejection(parts[0], int(parts[1]), int(parts[2]), parts[3], "rejected by an emulator fault knob",
@@ -261,6 +208,7 @@ def with_flags(
     throttle: Optional[float],
     rejects: Sequence[str],
     thing_groups: Sequence[str],
+    tamper: Sequence[str] = (),
 ) -> EmulatorSettings:
     """Command-line flags win over the YAML file."""
     sources = {source.name: source for source in settings.templates}
@@ -279,6 +227,7 @@ def with_flags(
         close_after_messages=faults.close_after_messages if close_after is None else close_after,
         throttle_per_second=faults.throttle_per_second if throttle is None else throttle,
         reject=faults.reject + tuple(parse_reject_flag(text) for text in rejects),
+        tamper=faults.tamper + tuple(tamper),
     )
     faults = checked_faults(faults, "command line")
     if token_ttl is not None and not (math.isfinite(token_ttl) and token_ttl > 0):

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import Emulator, RawClient, make_csr, provision_csr, start_emulator
-
-
-def fleetprov(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleetprov", *args], capture_output=True, text=True, timeout=timeout)
+from tests.support import Emulator, RawClient, fleetprov, make_csr, provision_csr, start_emulator
 
 
 def test_restart_reuses_state_and_shutdown_removes_endpoint(tmp_path: Path) -> None:
@@ -66,7 +60,7 @@ def test_admin_on_a_directory_without_registry(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        ([], 64, "a command is required"),
+        ([], 64, "give --once or a command"),
         (["emulator"], 2, "required"),
         (["emulator", "serve", "--state-dir", "{tmp}/s", "--template", "x=/nonexistent.json"], 78, "cannot read"),
         (["emulator", "serve", "--state-dir", "{tmp}/s", "--template", "broken"], 78, "expected NAME=VALUE"),

@@ -1,0 +1,486 @@
+"""The device agent's configuration: a YAML file, then ``FLEETPROV_*`` environment variables, then the command line.
+
+Every key is documented in ``configs/config.example.yaml``. Unknown keys, wrong types, out-of-range values and
+missing required keys are ConfigErrors (exit 78) naming the file, or the environment variable or flag that set
+the value, and the dotted key. Whether the files the config names exist is checked where they are used.
+
+Environment overrides: a variable whose name is ``FLEETPROV_`` + an upper-cased top-level key, alone or followed
+by ``__`` and the next level, e.g. ``FLEETPROV_PORT``, ``FLEETPROV_PROXY__HOST``,
+``FLEETPROV_PROVISIONING__PARAMETERS__STATIC__DeviceLocation`` (template parameter names keep their case).
+Other ``FLEETPROV_*`` variables (``FLEETPROV_CONFIG``, sources of ``parameters.from_env``) are not overrides.
+Values are read as YAML, as if written after the key in the file: ``443`` is an integer, ``null`` or an empty
+value removes the key (its default applies), ``[a, b]`` is a list.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Optional
+
+import yaml
+
+from fleetprov.errors import ConfigError
+from fleetprov.facts import FACT_NAMES
+from fleetprov.yamlread import YamlReader, load_yaml_mapping, parse_yaml
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_STATE_DIR",
+    "ENV_PREFIX",
+    "FACT_NAMES",
+    "KEY_TYPES",
+    "LOG_LEVELS",
+    "METHODS",
+    "ClaimConfig",
+    "Config",
+    "ParametersConfig",
+    "ProvisioningConfig",
+    "ProxyConfig",
+    "load_config",
+    "render_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/fleetprov/config.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/fleetprov")
+ENV_PREFIX = "FLEETPROV_"
+KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
+METHODS = ("csr", "create-keys")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MQTT_VERSIONS = (3, 5)
+REDACTED = "<redacted>"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """An HTTP proxy reached with CONNECT."""
+
+    host: str
+    port: int
+    username: Optional[str] = None
+    password: Optional[str] = None  # a secret: never logged, rendered as <redacted>
+
+
+@dataclass(frozen=True)
+class ClaimConfig:
+    certificate: Path
+    private_key: Path
+    client_id: Optional[str] = None  # None: derived per device (fleetprov.facts), never one ID for the fleet
+
+
+@dataclass(frozen=True)
+class ParametersConfig:
+    """Template parameters; merged in this order, later sources winning: static, from_env, facts, command."""
+
+    static: Mapping[str, str] = field(default_factory=dict)  # parameter -> literal value
+    from_env: Mapping[str, str] = field(default_factory=dict)  # parameter -> environment variable name
+    facts: Mapping[str, str] = field(default_factory=dict)  # parameter -> one of FACT_NAMES
+    command: Optional[tuple[str, ...]] = None  # argv of a program printing a JSON object of string values
+    command_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ProvisioningConfig:
+    template: str
+    method: str = "csr"  # one of METHODS
+    key_type: str = "ec-p256"  # one of KEY_TYPES
+    parameters: ParametersConfig = field(default_factory=ParametersConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Optional[Path]  # the YAML file it came from
+    endpoint: str  # host name of the AWS IoT data endpoint
+    root_ca: Path  # CA bundle that verifies the endpoint
+    claim: ClaimConfig
+    provisioning: ProvisioningConfig
+    port: int = 8883  # 443 means ALPN x-amzn-mqtt-ca
+    mqtt_version: int = 3  # 3 (MQTT 3.1.1) or 5
+    keep_alive: int = 60  # seconds
+    operation_timeout: float = 30.0  # seconds per network operation
+    proxy: Optional[ProxyConfig] = None
+    device_client_id: Optional[str] = None  # None: the thing name
+    state_dir: Path = DEFAULT_STATE_DIR
+    log_level: str = "info"  # one of LOG_LEVELS
+
+
+# The key layout, section by dotted path. Keys of the _NAME_MAPS sections are template parameter names.
+_KEYS: dict[str, tuple[str, ...]] = {
+    "": (
+        "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
+        "provisioning", "device", "state_dir", "log_level",
+    ),
+    "proxy": ("host", "port", "username", "password"),
+    "claim": ("certificate", "private_key", "client_id"),
+    "provisioning": ("template", "method", "key_type", "parameters"),
+    "provisioning.parameters": ("static", "from_env", "facts", "command", "command_timeout"),
+    "device": ("client_id",),
+}  # fmt: skip
+_NAME_MAPS = ("provisioning.parameters.static", "provisioning.parameters.from_env", "provisioning.parameters.facts")
+
+_NO_OVERRIDES: Mapping[str, str] = MappingProxyType({})
+_TEMPLATE_NAME = re.compile(r"[0-9A-Za-z_-]{1,36}")  # AWS's templateName pattern; it is part of the topics
+_MAX_CLIENT_ID_BYTES = 128  # AWS IoT refuses longer MQTT client IDs
+_KEEP_ALIVE_RANGE = (5, 1200)  # AWS IoT allows up to 1200 s; short values help tests
+
+
+def load_config(
+    path: Path, environ: Mapping[str, str] = os.environ, overrides: Mapping[str, str] = _NO_OVERRIDES
+) -> Config:
+    """The effective configuration: ``path``, then ``FLEETPROV_*`` variables of ``environ``, then ``overrides``.
+
+    ``overrides`` come from the command line: dotted key paths (``state_dir``, ``proxy.host``) to values read
+    as YAML, like environment values. Relative paths resolve against the file's directory when they come from
+    the file, against the current directory when they come from the environment or the command line.
+    """
+    data = load_yaml_mapping(path)
+    origins: dict[str, str] = {}
+    env_overrides = [
+        (key_path, f"environment variable {name}", text)
+        for name, text in environ.items()
+        if (key_path := _env_key_path(name)) is not None
+    ]
+    cli_overrides = [
+        (_key_path(dotted.split("."), "command line"), "command line", text) for dotted, text in overrides.items()
+    ]
+    for key_path, where, text in _shallow_first(env_overrides) + _shallow_first(cli_overrides):
+        _apply(data, key_path, _yaml_value(text, where), where=where, origins=origins, file=str(path))
+    top = YamlReader(data, str(path), origins=origins)
+    return _parse(top, path, path.absolute().parent, _default_state_dir(environ))
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration as YAML in the file's layout, with secrets replaced by ``<redacted>``."""
+    proxy = config.proxy
+    parameters = config.provisioning.parameters
+    document = {
+        "endpoint": config.endpoint,
+        "port": config.port,
+        "root_ca": str(config.root_ca),
+        "mqtt_version": config.mqtt_version,
+        "keep_alive": config.keep_alive,
+        "operation_timeout": config.operation_timeout,
+        "proxy": None
+        if proxy is None
+        else {
+            "host": proxy.host,
+            "port": proxy.port,
+            "username": proxy.username,
+            "password": None if proxy.password is None else REDACTED,
+        },
+        "claim": {
+            "certificate": str(config.claim.certificate),
+            "private_key": str(config.claim.private_key),
+            "client_id": config.claim.client_id,
+        },
+        "provisioning": {
+            "template": config.provisioning.template,
+            "method": config.provisioning.method,
+            "key_type": config.provisioning.key_type,
+            "parameters": {
+                "static": dict(parameters.static),
+                "from_env": dict(parameters.from_env),
+                "facts": dict(parameters.facts),
+                "command": None if parameters.command is None else list(parameters.command),
+                "command_timeout": parameters.command_timeout,
+            },
+        },
+        "device": {"client_id": config.device_client_id},
+        "state_dir": str(config.state_dir),
+        "log_level": config.log_level,
+    }
+    # ASCII with escapes: PyYAML emits some characters (NEL, U+0085) raw that it then reads back as line breaks.
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+
+def _shallow_first(overrides: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    # So that FLEETPROV_PROXY=null and FLEETPROV_PROXY__HOST=h together leave a proxy with host h.
+    return sorted(overrides, key=lambda item: (item[0].count("."), item[0]))
+
+
+def _env_key_path(name: str) -> Optional[str]:
+    """The dotted key path a FLEETPROV_* variable overrides, or None when the variable is not an override."""
+    if not name.startswith(ENV_PREFIX):
+        return None
+    segments = name[len(ENV_PREFIX) :].split("__")
+    if segments[0] not in {key.upper() for key in _KEYS[""]}:
+        return None
+    return _key_path(segments, f"environment variable {name}")
+
+
+def _key_path(segments: list[str], where: str) -> str:
+    """Fixed keys match in any case below the top level; template parameter names keep theirs."""
+    path: list[str] = []
+    for segment in segments:
+        section = ".".join(path)
+        if section in _NAME_MAPS and not segment:
+            raise ConfigError(f"{where}: {section}: empty template parameter name", step="config")
+        if section in _NAME_MAPS:
+            path.append(segment)
+        elif section in _KEYS and segment.lower() in _KEYS[section]:
+            path.append(segment.lower())
+        elif section in _KEYS:
+            known = ", ".join(_KEYS[section])
+            raise ConfigError(
+                f"{where}: {section or '(top level)'}: no key {segment!r} (known: {known})", step="config"
+            )
+        else:
+            raise ConfigError(f"{where}: {section}: not a section, it has no key {segment!r}", step="config")
+    return ".".join(path)
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError:
+        # Not PyYAML's message: it quotes the value, which may be a password.
+        raise ConfigError(f"{where}: not a valid YAML value (quote it)", step="config") from None
+
+
+def _apply(data: dict[Any, Any], key_path: str, value: Any, *, where: str, origins: dict[str, str], file: str) -> None:
+    """Set ``key_path`` in ``data`` to ``value`` (None removes it), creating sections on the way."""
+    *sections, key = key_path.split(".")
+    node = data
+    for depth, name in enumerate(sections):
+        child = node.get(name)
+        section = ".".join(sections[: depth + 1])
+        if child is not None and not isinstance(child, dict):
+            raise YamlReader({}, file, origins=origins).error(
+                section, f"expected a mapping, got {type(child).__name__}"
+            )
+        if child is None:
+            # The override made this section: what it lacks is reported against the override, not the file.
+            origins.setdefault(section, where)
+        # A copy: a YAML alias may share this mapping with another section.
+        node[name] = dict(child or {})
+        node = node[name]
+    if value is None:
+        node.pop(key, None)
+    else:
+        node[key] = value
+    for stale in [path for path in origins if path.startswith(f"{key_path}.")]:
+        del origins[stale]
+    origins[key_path] = where
+
+
+def _default_state_dir(environ: Mapping[str, str]) -> Path:
+    # systemd's StateDirectory= sets $STATE_DIRECTORY, colon-separated when the unit names several.
+    first = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path.cwd() / first if first else DEFAULT_STATE_DIR
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def _parse(top: YamlReader, source: Path, base: Path, default_state_dir: Path) -> Config:
+    top.check_keys(_KEYS[""])
+    # Keyword arguments are evaluated in order: the file's order, so the first error is the first bad key.
+    return Config(
+        source=source,
+        endpoint=_endpoint(top),
+        port=_port(top, "port", 8883),
+        root_ca=_required_path(top, "root_ca", base, "the CA bundle that verifies the endpoint"),
+        mqtt_version=_choice(top, "mqtt_version", int, MQTT_VERSIONS, 3),
+        keep_alive=_keep_alive(top),
+        operation_timeout=_seconds(top, "operation_timeout", 30.0),
+        proxy=_proxy(top.child("proxy")),
+        claim=_claim(_required_section(top, "claim", "the claim certificate and key (certificate, private_key)"), base),
+        provisioning=_provisioning(_required_section(top, "provisioning", "the provisioning template (template)")),
+        device_client_id=_device_client_id(top.child("device")),
+        state_dir=_path(top, "state_dir", base) or default_state_dir,
+        log_level=_log_level(top),
+    )
+
+
+def _required_section(top: YamlReader, key: str, what: str) -> YamlReader:
+    section = top.child(key)
+    if section is None:
+        raise top.error(key, f"missing: {what}")
+    section.check_keys(_KEYS[key])
+    return section
+
+
+def _text(reader: YamlReader, key: str) -> Optional[str]:
+    """A non-empty string. The value never appears in the error: it may be a secret."""
+    value: Optional[str] = reader.get(key, str)
+    if value == "":
+        raise reader.error(key, "must not be empty")
+    return value
+
+
+def _required_text(reader: YamlReader, key: str, what: str) -> str:
+    value = _text(reader, key)
+    if value is None:
+        raise reader.error(key, f"missing: {what}")
+    return value
+
+
+def _path(reader: YamlReader, key: str, base: Path) -> Optional[Path]:
+    text = _text(reader, key)
+    if text is None:
+        return None
+    if "\0" in text:
+        raise reader.error(key, "a path cannot contain a NUL character")
+    # Values from the environment or the command line are relative to where fleetprov was started.
+    return (Path.cwd() if reader.origin(key) else base) / text
+
+
+def _required_path(reader: YamlReader, key: str, base: Path, what: str) -> Path:
+    path = _path(reader, key, base)
+    if path is None:
+        raise reader.error(key, f"missing: {what}")
+    return path
+
+
+def _endpoint(top: YamlReader) -> str:
+    endpoint = _required_text(top, "endpoint", "the AWS IoT data endpoint (aws iot describe-endpoint)")
+    if "/" in endpoint or any(char.isspace() for char in endpoint):
+        raise top.error("endpoint", f"{endpoint!r} is not a host name (no scheme, path or spaces)")
+    if endpoint.count(":") == 1:
+        raise top.error("endpoint", f"{endpoint!r} is not a host name: give the port in `port`")
+    return endpoint
+
+
+def _port(reader: YamlReader, key: str, default: Optional[int]) -> int:
+    port: Optional[int] = reader.get(key, int, default)
+    if port is None:
+        raise reader.error(key, "missing: the TCP port")
+    if not 1 <= port <= 65535:
+        raise reader.error(key, f"{port} is not a TCP port (1..65535)")
+    return port
+
+
+def _choice(reader: YamlReader, key: str, kind: type, allowed: tuple[Any, ...], default: Any) -> Any:
+    value = reader.get(key, kind, default)
+    if value not in allowed:
+        raise reader.error(key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def _keep_alive(top: YamlReader) -> int:
+    low, high = _KEEP_ALIVE_RANGE
+    keep_alive: int = top.get("keep_alive", int, 60)
+    if not low <= keep_alive <= high:
+        raise top.error("keep_alive", f"{keep_alive} is not between {low} and {high} seconds")
+    return keep_alive
+
+
+def _seconds(reader: YamlReader, key: str, default: float) -> float:
+    seconds = reader.number(key, default)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise reader.error(key, "must be a positive number of seconds")
+    return seconds
+
+
+def _client_id(reader: YamlReader) -> Optional[str]:
+    client_id = _text(reader, "client_id")
+    if client_id is not None and len(client_id.encode()) > _MAX_CLIENT_ID_BYTES:
+        raise reader.error("client_id", f"longer than AWS IoT's {_MAX_CLIENT_ID_BYTES} bytes")
+    return client_id
+
+
+def _device_client_id(section: Optional[YamlReader]) -> Optional[str]:
+    if section is None:
+        return None
+    section.check_keys(_KEYS["device"])
+    return _client_id(section)
+
+
+def _log_level(top: YamlReader) -> str:
+    level: str = top.get("log_level", str, "info")
+    if level.lower() not in LOG_LEVELS:
+        raise top.error("log_level", f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level.lower()
+
+
+def _proxy(section: Optional[YamlReader]) -> Optional[ProxyConfig]:
+    if section is None:
+        return None
+    section.check_keys(_KEYS["proxy"])
+    username = _text(section, "username")
+    password = _text(section, "password")
+    if password is not None and username is None:
+        raise section.error("password", "given without proxy.username")
+    return ProxyConfig(
+        host=_required_text(section, "host", "the proxy's host name"),
+        port=_port(section, "port", None),
+        username=username,
+        password=password,
+    )
+
+
+def _claim(section: YamlReader, base: Path) -> ClaimConfig:
+    return ClaimConfig(
+        certificate=_required_path(section, "certificate", base, "the claim certificate (PEM)"),
+        private_key=_required_path(section, "private_key", base, "the claim certificate's private key (PEM)"),
+        client_id=_client_id(section),
+    )
+
+
+def _provisioning(section: YamlReader) -> ProvisioningConfig:
+    template = _required_text(section, "template", "the name of the provisioning template")
+    if not _TEMPLATE_NAME.fullmatch(template):
+        raise section.error("template", f"{template!r} is not a template name (1-36 of A-Z a-z 0-9 _ -)")
+    parameters = section.child("parameters")
+    return ProvisioningConfig(
+        template=template,
+        method=_choice(section, "method", str, METHODS, "csr"),
+        key_type=_choice(section, "key_type", str, KEY_TYPES, "ec-p256"),
+        parameters=ParametersConfig() if parameters is None else _parameters(parameters),
+    )
+
+
+def _parameters(section: YamlReader) -> ParametersConfig:
+    section.check_keys(_KEYS["provisioning.parameters"])
+    facts = _names(section, "facts", "a device fact")
+    for name, fact in facts.items():
+        if fact not in FACT_NAMES:
+            raise section.error(f"facts.{name}", f"{fact!r} is not one of {', '.join(FACT_NAMES)}")
+    return ParametersConfig(
+        static=_names(section, "static", "the parameter's value (quote numbers)"),
+        from_env=_names(section, "from_env", "the name of an environment variable"),
+        facts=facts,
+        command=_command(section),
+        command_timeout=_seconds(section, "command_timeout", 10.0),
+    )
+
+
+def _names(section: YamlReader, key: str, what: str) -> dict[str, str]:
+    """A mapping of template parameter names to non-empty strings."""
+    entries = section.child(key)
+    if entries is None:
+        return {}
+    result = {}
+    for name, value in entries.data.items():
+        # YAML reads `123:` as an integer; parameter names may be all digits.
+        if isinstance(name, bool) or not isinstance(name, (str, int)) or name == "":
+            raise entries.error(str(name), "expected a template parameter name")
+        if not (isinstance(value, str) and value):
+            raise entries.error(str(name), f"expected a non-empty string: {what}")
+        result[str(name)] = value
+    return result
+
+
+def _command(section: YamlReader) -> Optional[tuple[str, ...]]:
+    value = section.get("command", (str, list))
+    if value is None:
+        return None
+    if isinstance(value, list):
+        argv = section.strings("command")
+    else:
+        try:
+            argv = tuple(shlex.split(value))
+        except ValueError as exc:  # an unclosed quote
+            raise section.error("command", f"cannot split into arguments: {exc}") from None
+    if not argv:
+        raise section.error("command", "must name a program")
+    return argv

@@ -1,0 +1,131 @@
+"""The fleet-provisioning MQTT API, as fleetprov sees it: three async calls returning fleetprov's own types.
+
+This is the only module that imports ``awsiot.iotidentity``. Rejections become ``ServiceRejected`` carrying
+the step and AWS's statusCode, errorCode and errorMessage; 429 and 5xx rejections are transient, the rest
+are final (exit 77). A reply that lacks what the API documents is ``BadServiceData`` (exit 65).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from awscrt import mqtt_request_response
+from awsiot import V2ServiceException, iotidentity
+
+from fleetprov.errors import EX_NOPERM, EX_TEMPFAIL, BadServiceData, FleetprovError
+from fleetprov.session import ProtocolClient
+
+CREATE_CERTIFICATE = "create-certificate"
+REGISTER_THING = "register-thing"
+
+
+class ServiceRejected(FleetprovError):
+    """The service answered on the ``/rejected`` topic."""
+
+    def __init__(self, step: str, status_code: int, error_code: str, error_message: str) -> None:
+        super().__init__(f"rejected: {status_code} {error_code}: {error_message}", step=step)
+        self.status_code = status_code
+        self.error_code = error_code
+        self.error_message = error_message
+        self.transient = status_code == 429 or status_code >= 500
+        self.exit_code = EX_TEMPFAIL if self.transient else EX_NOPERM
+
+
+class NoReply(FleetprovError):
+    """The request got no usable answer in time, or the connection went away meanwhile."""
+
+    exit_code = EX_TEMPFAIL
+    transient = True
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    certificate_id: str
+    certificate_pem: str
+    ownership_token: str = field(repr=False)  # a secret: log at most a hash of it
+    private_key_pem: Optional[str] = field(default=None, repr=False)  # CreateKeysAndCertificate only
+
+
+@dataclass(frozen=True)
+class Registration:
+    thing_name: str
+    device_configuration: Mapping[str, str]
+
+
+class ProvisioningClient:
+    def __init__(self, protocol_client: ProtocolClient, timeout: float) -> None:
+        options = mqtt_request_response.ClientOptions(
+            max_request_response_subscriptions=2,
+            max_streaming_subscriptions=1,
+            operation_timeout_in_seconds=max(1, round(timeout)),
+        )
+        self._client = iotidentity.IotIdentityClientV2(protocol_client, options)
+        self._timeout = timeout
+
+    async def create_certificate_from_csr(self, csr_pem: str) -> IssuedCertificate:
+        request = iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)
+        reply = await self._call(self._client.create_certificate_from_csr(request), CREATE_CERTIFICATE)
+        return IssuedCertificate(
+            certificate_id=_text(reply.certificate_id, "certificateId", CREATE_CERTIFICATE),
+            certificate_pem=_text(reply.certificate_pem, "certificatePem", CREATE_CERTIFICATE),
+            ownership_token=_text(reply.certificate_ownership_token, "certificateOwnershipToken", CREATE_CERTIFICATE),
+        )
+
+    async def create_keys_and_certificate(self) -> IssuedCertificate:
+        request = iotidentity.CreateKeysAndCertificateRequest()
+        reply = await self._call(self._client.create_keys_and_certificate(request), CREATE_CERTIFICATE)
+        return IssuedCertificate(
+            certificate_id=_text(reply.certificate_id, "certificateId", CREATE_CERTIFICATE),
+            certificate_pem=_text(reply.certificate_pem, "certificatePem", CREATE_CERTIFICATE),
+            ownership_token=_text(reply.certificate_ownership_token, "certificateOwnershipToken", CREATE_CERTIFICATE),
+            private_key_pem=_text(reply.private_key, "privateKey", CREATE_CERTIFICATE),
+        )
+
+    async def register_thing(self, template: str, ownership_token: str, parameters: Mapping[str, str]) -> Registration:
+        request = iotidentity.RegisterThingRequest(
+            template_name=template, certificate_ownership_token=ownership_token, parameters=dict(parameters)
+        )
+        reply = await self._call(self._client.register_thing(request), REGISTER_THING)
+        configuration = reply.device_configuration or {}
+        if not isinstance(configuration, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in configuration.items()
+        ):
+            raise BadServiceData("deviceConfiguration is not an object of strings", step=REGISTER_THING)
+        return Registration(
+            thing_name=_text(reply.thing_name, "thingName", REGISTER_THING),
+            device_configuration=dict(configuration),
+        )
+
+    async def _call(self, future: concurrent.futures.Future[Any], step: str) -> Any:
+        try:
+            # awscrt enforces operation_timeout itself; the extra second only guards against a lost callback.
+            return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout + 1)
+        except V2ServiceException as exc:
+            error = exc.modeled_error
+            if isinstance(error, iotidentity.V2ErrorResponse):
+                raise ServiceRejected(
+                    step,
+                    int(error.status_code or 0),
+                    str(error.error_code or ""),
+                    str(error.error_message or ""),
+                ) from exc
+            raise _unmodeled(step, exc.inner_error) from exc
+        except asyncio.TimeoutError:
+            raise NoReply(f"no reply within {self._timeout:g} s", step=step) from None
+
+
+def _unmodeled(step: str, inner: Optional[BaseException]) -> FleetprovError:
+    name = getattr(inner, "name", "") or type(inner).__name__
+    if "TIMEOUT" in name or "SHUT_DOWN" in name or "CONNECTION" in name or "UNSUBSCRIBE" in name:
+        return NoReply(f"no reply: {name}", step=step)
+    return BadServiceData(f"unusable reply: {name}: {inner}", step=step)
+
+
+def _text(value: object, field_name: str, step: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise BadServiceData(f"the reply has no {field_name}", step=step)
+    return value

@@ -1,0 +1,222 @@
+"""MQTT sessions with AWS IoT Core over mutual TLS: awscrt through awsiotsdk's builders, MQTT 3.1.1 or 5.
+
+One job: open a connection with a given identity, wait for its CONNACK, hand the protocol client to the
+provisioning API, and close it. Port 443 uses ALPN ``x-amzn-mqtt-ca`` (the builders set it). An HTTP proxy
+is reached with CONNECT. Server verification cannot be turned off: there is no option for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from awscrt import exceptions as crt_exceptions
+from awscrt import http, mqtt, mqtt5
+from awsiot import mqtt5_client_builder, mqtt_connection_builder
+
+from fleetprov.config import ProxyConfig
+from fleetprov.errors import EndpointUnavailable, Refused
+
+log = logging.getLogger(__name__)
+
+ProtocolClient = Union[mqtt.Connection, mqtt5.Client]
+
+# What a refused connection looks like from the device: AWS IoT Core closes the connection after the TLS
+# handshake (bad certificate status, a policy without iot:Connect for this client id) rather than sending
+# a CONNACK with a reason code; brokers that do answer say "not authorized".
+_REFUSAL_ERRORS = frozenset({"AWS_ERROR_MQTT_PROTOCOL_ERROR", "AWS_ERROR_MQTT_UNEXPECTED_HANGUP"})
+_REFUSAL_CODES = frozenset({mqtt.ConnectReturnCode.NOT_AUTHORIZED, mqtt.ConnectReturnCode.BAD_USERNAME_OR_PASSWORD})
+
+
+class ConnectionRefused(Refused):
+    """The endpoint accepted TLS but refused this identity or client id."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    root_ca: Path
+    mqtt_version: int = 3
+    keep_alive: int = 60
+    timeout: float = 30.0
+    proxy: Optional[ProxyConfig] = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The TLS client identity: certificate and private key files."""
+
+    certificate: Path
+    private_key: Path
+
+
+def _proxy_options(proxy: Optional[ProxyConfig]) -> Optional[http.HttpProxyOptions]:
+    if proxy is None:
+        return None
+    if proxy.username is not None:
+        return http.HttpProxyOptions(
+            proxy.host,
+            proxy.port,
+            auth_type=http.HttpProxyAuthenticationType.Basic,
+            auth_username=proxy.username,
+            auth_password=proxy.password or "",
+        )
+    return http.HttpProxyOptions(proxy.host, proxy.port)
+
+
+def _refusal(endpoint: Endpoint, client_id: str, what: str) -> ConnectionRefused:
+    return ConnectionRefused(
+        f"{endpoint.host}:{endpoint.port} refused the connection as {client_id!r} ({what}): check that the "
+        "certificate is registered and ACTIVE, that its policy allows iot:Connect for this client id, and that "
+        "no other connection uses the same client id",
+        step="connect",
+    )
+
+
+def _connect_error(endpoint: Endpoint, client_id: str, exc: BaseException) -> Exception:
+    if isinstance(exc, crt_exceptions.AwsCrtError):
+        if exc.name in _REFUSAL_ERRORS:
+            return _refusal(endpoint, client_id, exc.name)
+        return EndpointUnavailable(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc.name}", step="connect")
+    if exc.args and isinstance(exc.args[0], mqtt.ConnectReturnCode):
+        code = exc.args[0]
+        if code in _REFUSAL_CODES:
+            return _refusal(endpoint, client_id, f"CONNACK {code.name}")
+        return EndpointUnavailable(f"{endpoint.host}:{endpoint.port} answered CONNACK {code.name}", step="connect")
+    return EndpointUnavailable(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}", step="connect")
+
+
+async def _await(future: concurrent.futures.Future[Any], timeout: float, what: str) -> Any:
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+    except asyncio.TimeoutError:
+        raise EndpointUnavailable(f"{what}: no answer within {timeout:g} s", step="connect") from None
+
+
+class _Mqtt3Session:
+    def __init__(self, endpoint: Endpoint, identity: Identity, client_id: str) -> None:
+        self.client_id = client_id
+        self.connection = mqtt_connection_builder.mtls_from_path(
+            endpoint=endpoint.host,
+            port=endpoint.port,
+            cert_filepath=str(identity.certificate),
+            pri_key_filepath=str(identity.private_key),
+            ca_filepath=str(endpoint.root_ca),
+            client_id=client_id,
+            clean_session=True,
+            keep_alive_secs=endpoint.keep_alive,
+            http_proxy_options=_proxy_options(endpoint.proxy),
+        )
+
+    async def open(self, endpoint: Endpoint) -> None:
+        try:
+            await _await(self.connection.connect(), endpoint.timeout, f"CONNECT to {endpoint.host}")
+        except EndpointUnavailable:
+            raise
+        except Exception as exc:  # awscrt reports every failure as a plain exception from the future
+            raise _connect_error(endpoint, self.client_id, exc) from exc
+
+    async def close(self, timeout: float) -> None:
+        with contextlib.suppress(Exception):  # closing a broken connection is best effort
+            await asyncio.wait_for(asyncio.wrap_future(self.connection.disconnect()), timeout)
+
+    @property
+    def protocol_client(self) -> ProtocolClient:
+        return self.connection
+
+
+class _Mqtt5Session:
+    def __init__(self, endpoint: Endpoint, identity: Identity, client_id: str) -> None:
+        self.client_id = client_id
+        self._connected: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.client = mqtt5_client_builder.mtls_from_path(
+            endpoint=endpoint.host,
+            port=endpoint.port,
+            cert_filepath=str(identity.certificate),
+            pri_key_filepath=str(identity.private_key),
+            ca_filepath=str(endpoint.root_ca),
+            client_id=client_id,
+            session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
+            keep_alive_interval_sec=endpoint.keep_alive,
+            http_proxy_options=_proxy_options(endpoint.proxy),
+            on_lifecycle_connection_success=self._on_success,
+            on_lifecycle_connection_failure=self._on_failure,
+            on_lifecycle_stopped=self._on_stopped,
+        )
+
+    # Lifecycle callbacks run on awscrt's threads; concurrent futures carry the outcome to asyncio.
+    def _on_success(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
+        if not self._connected.done():
+            self._connected.set_result(None)
+
+    def _on_failure(self, data: mqtt5.LifecycleConnectFailureData) -> None:
+        if self._connected.done():
+            return
+        connack = data.connack_packet
+        if connack is not None and connack.reason_code in (
+            mqtt5.ConnectReasonCode.NOT_AUTHORIZED,
+            mqtt5.ConnectReasonCode.BANNED,
+            mqtt5.ConnectReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+        ):
+            self._connected.set_exception(PermissionError(connack.reason_code.name))
+        else:
+            self._connected.set_exception(data.exception or ConnectionError("connection failed"))
+
+    def _on_stopped(self, data: mqtt5.LifecycleStoppedData) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def open(self, endpoint: Endpoint) -> None:
+        self.client.start()
+        try:
+            await _await(self._connected, endpoint.timeout, f"CONNECT to {endpoint.host}")
+        except PermissionError as exc:
+            await self.close(endpoint.timeout)
+            raise _refusal(endpoint, self.client_id, f"CONNACK {exc}") from exc
+        except EndpointUnavailable:
+            await self.close(endpoint.timeout)
+            raise
+        except Exception as exc:
+            await self.close(endpoint.timeout)
+            raise _connect_error(endpoint, self.client_id, exc) from exc
+
+    async def close(self, timeout: float) -> None:
+        with contextlib.suppress(Exception):
+            self.client.stop()
+            await asyncio.wait_for(asyncio.wrap_future(self._stopped), timeout)
+
+    @property
+    def protocol_client(self) -> ProtocolClient:
+        return self.client
+
+
+Session = Union[_Mqtt3Session, _Mqtt5Session]
+
+
+async def connect(endpoint: Endpoint, identity: Identity, client_id: str) -> Session:
+    """A connected session (its CONNACK received); the caller closes it with ``await session.close(...)``."""
+    session: Session = (
+        _Mqtt5Session(endpoint, identity, client_id)
+        if endpoint.mqtt_version == 5
+        else _Mqtt3Session(endpoint, identity, client_id)
+    )
+    await session.open(endpoint)
+    return session
+
+
+@contextlib.asynccontextmanager
+async def open_session(endpoint: Endpoint, identity: Identity, client_id: str) -> AsyncIterator[Session]:
+    """``connect`` as a context manager: closed on exit."""
+    session = await connect(endpoint, identity, client_id)
+    try:
+        yield session
+    finally:
+        await session.close(endpoint.timeout)

@@ -32,8 +32,10 @@ from fleetprov.certcheck import check_certificate
 from fleetprov.config import Config
 from fleetprov.errors import BadServiceData, ConfigError, FleetprovError
 from fleetprov.facts import DeviceFacts, default_claim_client_id, read_facts, template_parameters
+from fleetprov.keys import DeviceKey
 from fleetprov.keys.file import FileKeyBackend, public_key_der
 from fleetprov.provisioning import ProvisioningClient, Registration
+from fleetprov.retry import retrying
 from fleetprov.session import Endpoint, Identity, connect, open_session
 from fleetprov.store import KEY_FILE_REFERENCE, Generation, Manifest, Staging, Store, iso_utc
 
@@ -109,13 +111,17 @@ def token_fingerprint(token: str) -> str:
 
 
 async def verify(config: Config, generation: Generation, client_id: str) -> None:
+    """Connect with the generation's identity and wait for CONNACK: the proof that it works."""
     if generation.private_key is None:
         raise ConfigError("this generation's key is in a PKCS#11 token, which this build cannot use", step="verify")
-    with step("verify"):
-        async with open_session(
-            endpoint_of(config), Identity(generation.certificate, generation.private_key), client_id
-        ):
-            log.info("connected to %s:%s as %s", config.endpoint, config.port, client_id)
+    identity = Identity(generation.certificate, generation.private_key)
+
+    async def attempt() -> None:
+        with step("verify"):
+            async with open_session(endpoint_of(config), identity, client_id):
+                log.info("connected to %s:%s as %s", config.endpoint, config.port, client_id)
+
+    await retrying(config.retry, attempt)
 
 
 def device_client_id(config: Config, thing_name: str) -> str:
@@ -131,21 +137,17 @@ class CheckedCertificate:
 
 
 async def _issue_certificate(
-    config: Config, staging: Staging, client: ProvisioningClient, claim_client_id: str
+    config: Config, staging: Staging, client: ProvisioningClient, key: Optional[DeviceKey], claim_client_id: str
 ) -> CheckedCertificate:
-    """CreateCertificateFromCsr (key made here first) or CreateKeysAndCertificate; the result checked and staged."""
-    if config.provisioning.method == "csr":
-        with step("key"):
-            key = FileKeyBackend().create_key(config.provisioning.key_type, staging)
+    """CreateCertificateFromCsr for ``key``, or CreateKeysAndCertificate without one; checked and staged."""
+    if key is not None:
         with step("create-certificate"):
             issued = await client.create_certificate_from_csr(key.csr_pem(claim_client_id))
-        expected_key = key.public_key_der()
-        key_reference = key.key_reference
+        expected_key, key_reference = key.public_key_der(), key.key_reference
     else:
         with step("create-certificate"):
             issued = await client.create_keys_and_certificate()
-        expected_key = _public_key_of_pem(issued.private_key_pem or "")
-        key_reference = KEY_FILE_REFERENCE
+        expected_key, key_reference = _public_key_of_pem(issued.private_key_pem or ""), KEY_FILE_REFERENCE
     log.info(
         "certificate %s issued (ownership token %s...)",
         issued.certificate_id,
@@ -206,20 +208,32 @@ async def provision(config: Config, store: Store, environ: Mapping[str, str]) ->
     facts = read_facts()
     parameters = _parameters(config, environ, facts)
     claim_client_id = config.claim.client_id or default_claim_client_id(facts)
+    claim = Identity(config.claim.certificate, config.claim.private_key)
     staging = store.stage()
     try:
-        with step("connect"):
-            claim = Identity(config.claim.certificate, config.claim.private_key)
-            session = await connect(endpoint_of(config), claim, claim_client_id)
-        try:
-            client = ProvisioningClient(session.protocol_client, config.operation_timeout)
-            issued = await _issue_certificate(config, staging, client, claim_client_id)
-            registration = await _register(config, client, issued, parameters)
-        finally:
-            await session.close(config.operation_timeout)
+        key: Optional[DeviceKey] = None
+        if config.provisioning.method == "csr":
+            with step("key"):
+                key = FileKeyBackend().create_key(config.provisioning.key_type, staging)
+        issued: Optional[CheckedCertificate] = None
+
+        async def attempt() -> tuple[CheckedCertificate, Registration]:
+            # A retry after the certificate was issued resumes at RegisterThing with the same token.
+            nonlocal issued
+            with step("connect"):
+                session = await connect(endpoint_of(config), claim, claim_client_id)
+            try:
+                client = ProvisioningClient(session.protocol_client, config.operation_timeout)
+                if issued is None:
+                    issued = await _issue_certificate(config, staging, client, key, claim_client_id)
+                return issued, await _register(config, client, issued, parameters)
+            finally:
+                await session.close(config.operation_timeout)
+
+        certificate, registration = await retrying(config.retry, attempt)
         with step("store"):
             staging.write_device_config(registration.device_configuration)
-            staging.write_manifest(_manifest(config, issued, registration))
+            staging.write_manifest(_manifest(config, certificate, registration))
             previous = store.current()
             generation = store.commit(staging)
     except BaseException:

@@ -94,6 +94,16 @@ class ProvisioningConfig:
 
 
 @dataclass(frozen=True)
+class RetryConfig:
+    """How long to keep trying through transient failures (timeouts, lost connections, 429, 5xx)."""
+
+    initial_delay: float = 1.0  # seconds; delays grow exponentially with full jitter
+    max_delay: float = 60.0  # cap of one delay
+    budget: float = 600.0  # seconds from the first attempt; then give up with exit 75
+    max_attempts: int = 10
+
+
+@dataclass(frozen=True)
 class Config:
     source: Optional[Path]  # the YAML file it came from
     endpoint: str  # host name of the AWS IoT data endpoint
@@ -108,14 +118,16 @@ class Config:
     device_client_id: Optional[str] = None  # None: the thing name
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = "info"  # one of LOG_LEVELS
+    retry: RetryConfig = RetryConfig()
 
 
 # The key layout, section by dotted path. Keys of the _NAME_MAPS sections are template parameter names.
 _KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
-        "provisioning", "device", "state_dir", "log_level",
+        "provisioning", "device", "state_dir", "log_level", "retry",
     ),
+    "retry": ("initial_delay", "max_delay", "budget", "max_attempts"),
     "proxy": ("host", "port", "username", "password"),
     "claim": ("certificate", "private_key", "client_id"),
     "provisioning": ("template", "method", "key_type", "parameters"),
@@ -194,6 +206,12 @@ def render_config(config: Config) -> str:
         "device": {"client_id": config.device_client_id},
         "state_dir": str(config.state_dir),
         "log_level": config.log_level,
+        "retry": {
+            "initial_delay": config.retry.initial_delay,
+            "max_delay": config.retry.max_delay,
+            "budget": config.retry.budget,
+            "max_attempts": config.retry.max_attempts,
+        },
     }
     # ASCII with escapes: PyYAML emits some characters (NEL, U+0085) raw that it then reads back as line breaks.
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
@@ -298,7 +316,26 @@ def _parse(top: YamlReader, source: Path, base: Path, default_state_dir: Path) -
         device_client_id=_device_client_id(top.child("device")),
         state_dir=_path(top, "state_dir", base) or default_state_dir,
         log_level=_log_level(top),
+        retry=_retry(top.child("retry")),
     )
+
+
+def _retry(section: Optional[YamlReader]) -> RetryConfig:
+    if section is None:
+        return RetryConfig()
+    section.check_keys(_KEYS["retry"])
+    max_attempts = section.get("max_attempts", int, RetryConfig.max_attempts)
+    if max_attempts < 1:
+        raise section.error("max_attempts", "must be at least 1")
+    retry = RetryConfig(
+        initial_delay=_seconds(section, "initial_delay", RetryConfig.initial_delay),
+        max_delay=_seconds(section, "max_delay", RetryConfig.max_delay),
+        budget=_seconds(section, "budget", RetryConfig.budget),
+        max_attempts=max_attempts,
+    )
+    if retry.max_delay < retry.initial_delay:
+        raise section.error("max_delay", "must not be smaller than retry.initial_delay")
+    return retry
 
 
 def _required_section(top: YamlReader, key: str, what: str) -> YamlReader:

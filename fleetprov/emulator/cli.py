@@ -182,6 +182,8 @@ def _device_config(args: argparse.Namespace) -> int:
             "parameters": {"static": {"SerialNumber": args.serial or f"emu-{secrets.token_hex(4)}"}},
         },
         "state_dir": str(device_state.resolve()),
+        # Short retries: against a local emulator, waiting minutes for a transient failure helps nobody.
+        "retry": {"initial_delay": 0.2, "max_delay": 2, "budget": 20, "max_attempts": 5},
     }
     sys.stdout.write(f"# fleetprov configuration for the emulator in {args.state_dir}\n")
     sys.stdout.write(yaml.safe_dump(config, sort_keys=False))

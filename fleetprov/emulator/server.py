@@ -112,8 +112,9 @@ def _existing_claim(claim_dir: Path, registry: Registry) -> ClaimFiles:
 
 def _load_templates(registry: Registry, settings: EmulatorSettings) -> None:
     sources = list(settings.templates)
-    if not sources and not registry.template_names():
-        sources = [TemplateSource(DEFAULT_TEMPLATE_NAME, DEFAULT_TEMPLATE_PATH)]
+    if not registry.template_names() and not any(source.path for source in sources):
+        # First run without templates: install the demo one (a --hook may still name it).
+        sources.insert(0, TemplateSource(DEFAULT_TEMPLATE_NAME, DEFAULT_TEMPLATE_PATH))
     for source in sources:
         if source.path is None:
             if registry.template(source.name) is None:

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -165,13 +166,61 @@ def test_certificate_for_another_key_exits_65_and_stores_nothing(emulator_with: 
     _assert_nothing_stored(tmp_path / "state")
 
 
-def test_endpoint_that_does_not_answer(emulator: Emulator, tmp_path: Path) -> None:
+def test_endpoint_that_does_not_answer_exits_75_after_the_retry_budget(emulator: Emulator, tmp_path: Path) -> None:
     config = device_config(emulator, tmp_path)
-    _edit(config, lambda s: s.update(port=1))
+    _edit(config, lambda s: s.update(port=1, retry={"initial_delay": 0.1, "max_delay": 0.3, "budget": 2}))
     result = fleetprov("--once", "--config", str(config))
-    assert result.returncode in (69, 75), result.stderr
-    assert "connect" in result.stderr
+    assert result.returncode == 75, result.stderr
+    assert "gave up after" in result.stderr and "connect" in result.stderr
+    assert result.stderr.count("retrying in") >= 2
     _assert_nothing_stored(tmp_path / "state")
+
+
+def test_transient_rejections_are_retried_with_the_same_certificate(emulator_with: Any, tmp_path: Path) -> None:
+    emulator = emulator_with(
+        "--reject", "CreateCertificateFromCsr:1:429:ThrottlingException",
+        "--reject", "RegisterThing:2:503:ServiceUnavailable",
+    )  # fmt: skip
+    config = device_config(emulator, tmp_path, "--serial", "persistent")
+    result = fleetprov("--once", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("retrying in") == 3
+    # One certificate for the device: RegisterThing was retried with the same ownership token.
+    device_certificates = [c for c in emulator.admin("certificates") if c["kind"] == "device"]
+    assert len(device_certificates) == 1 and device_certificates[0]["things"] == ["fleetprov-persistent"]
+
+
+def test_denied_hook_exits_77_at_once(emulator_with: Any, tmp_path: Path) -> None:
+    hook = tmp_path / "deny.py"
+    hook.write_text('import json, sys\njson.load(sys.stdin)\nprint(json.dumps({"allowProvisioning": False}))\n')
+    emulator = emulator_with("--hook", f"fleetprov-demo={sys.executable} {hook}")
+    config = device_config(emulator, tmp_path / "device")
+    result = fleetprov("--once", "--config", str(config))
+    assert result.returncode == 77, result.stderr
+    assert "403 AccessDenied" in result.stderr
+    assert "retrying in" not in result.stderr
+    _assert_nothing_stored(tmp_path / "device" / "state")
+
+
+def test_reply_without_thing_name_exits_65(emulator_with: Any, tmp_path: Path) -> None:
+    emulator = emulator_with("--tamper", "RegisterThing")
+    config = device_config(emulator, tmp_path)
+    _edit(config, lambda s: s.update(retry={"initial_delay": 0.1, "max_delay": 0.2, "max_attempts": 2}))
+    result = fleetprov("--once", "--config", str(config))
+    assert result.returncode == 65, result.stderr
+    assert "thingName" in result.stderr
+    _assert_nothing_stored(tmp_path / "state")
+
+
+def test_logs_carry_no_secrets(emulator: Emulator, tmp_path: Path) -> None:
+    config = device_config(emulator, tmp_path, "--method", "create-keys", "--serial", "quiet")
+    result = fleetprov("-v", "--once", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "PRIVATE KEY" not in output
+    assert "ownership token" in output  # only its fingerprint
+    key_body = (tmp_path / "state" / "current" / "private.key").read_text().splitlines()[1]
+    assert key_body not in output
 
 
 def test_configuration_error_exits_78(emulator: Emulator, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from fleetprov.config import (
     ParametersConfig,
     ProvisioningConfig,
     ProxyConfig,
+    RetryConfig,
     load_config,
     render_config,
 )
@@ -625,8 +626,9 @@ def test_render_redacts_the_password_and_keeps_the_layout(tmp_path: Path) -> Non
     assert rendered["proxy"] == {"host": "proxy.example", "port": 3128, "username": "device", "password": "<redacted>"}
     assert set(rendered) == {
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
-        "provisioning", "device", "state_dir", "log_level",
+        "provisioning", "device", "state_dir", "log_level", "retry",
     }  # fmt: skip
+    assert rendered["retry"] == {"initial_delay": 1.0, "max_delay": 60.0, "budget": 600.0, "max_attempts": 10}
     assert rendered["root_ca"] == str(tmp_path / "certs" / "AmazonRootCA1.pem")
     assert rendered["provisioning"]["parameters"]["command"] == ["/usr/lib/fleetprov/parameters", "--json", "two words"]
 
@@ -761,3 +763,24 @@ def test_render_round_trips_any_valid_config(tmp_path: Path, config: Config) -> 
     path = tmp_path / "rendered.yaml"
     path.write_text(render_config(config))
     assert dataclasses.replace(load_config(path, {}, {}), source=None) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("retry:\n  budget: 0\n", r"retry\.budget: must be a positive number of seconds$"),
+        ("retry:\n  max_attempts: 0\n", r"retry\.max_attempts: must be at least 1$"),
+        ("retry:\n  initial_delay: 5\n  max_delay: 1\n", r"retry\.max_delay: must not be smaller than "),
+        ("retry:\n  backoff: 2\n", r"retry\.backoff: unknown key"),
+    ],
+)
+def test_retry_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(minimal(tmp_path, text))
+
+
+def test_retry_from_file_and_environment(tmp_path: Path) -> None:
+    config = load(
+        minimal(tmp_path, "retry:\n  initial_delay: 0.5\n  budget: 30\n"), {"FLEETPROV_RETRY__MAX_ATTEMPTS": "3"}
+    )
+    assert config.retry == RetryConfig(initial_delay=0.5, max_delay=60.0, budget=30.0, max_attempts=3)

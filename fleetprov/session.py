@@ -71,6 +71,19 @@ def _proxy_options(proxy: Optional[ProxyConfig]) -> Optional[http.HttpProxyOptio
     return http.HttpProxyOptions(proxy.host, proxy.port)
 
 
+def _builder_options(endpoint: Endpoint, identity: Identity, client_id: str) -> dict[str, Any]:
+    """What awsiotsdk's MQTT 3.1.1 and MQTT 5 builders take alike (they add ALPN for port 443 themselves)."""
+    return {
+        "endpoint": endpoint.host,
+        "port": endpoint.port,
+        "cert_filepath": str(identity.certificate),
+        "pri_key_filepath": str(identity.private_key),
+        "ca_filepath": str(endpoint.root_ca),
+        "client_id": client_id,
+        "http_proxy_options": _proxy_options(endpoint.proxy),
+    }
+
+
 def _refusal(endpoint: Endpoint, client_id: str, what: str) -> ConnectionRefused:
     return ConnectionRefused(
         f"{endpoint.host}:{endpoint.port} refused the connection as {client_id!r} ({what}): check that the "
@@ -104,15 +117,9 @@ class _Mqtt3Session:
     def __init__(self, endpoint: Endpoint, identity: Identity, client_id: str) -> None:
         self.client_id = client_id
         self.connection = mqtt_connection_builder.mtls_from_path(
-            endpoint=endpoint.host,
-            port=endpoint.port,
-            cert_filepath=str(identity.certificate),
-            pri_key_filepath=str(identity.private_key),
-            ca_filepath=str(endpoint.root_ca),
-            client_id=client_id,
+            **_builder_options(endpoint, identity, client_id),
             clean_session=True,
             keep_alive_secs=endpoint.keep_alive,
-            http_proxy_options=_proxy_options(endpoint.proxy),
         )
 
     async def open(self, endpoint: Endpoint) -> None:
@@ -138,15 +145,9 @@ class _Mqtt5Session:
         self._connected: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.client = mqtt5_client_builder.mtls_from_path(
-            endpoint=endpoint.host,
-            port=endpoint.port,
-            cert_filepath=str(identity.certificate),
-            pri_key_filepath=str(identity.private_key),
-            ca_filepath=str(endpoint.root_ca),
-            client_id=client_id,
+            **_builder_options(endpoint, identity, client_id),
             session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
             keep_alive_interval_sec=endpoint.keep_alive,
-            http_proxy_options=_proxy_options(endpoint.proxy),
             on_lifecycle_connection_success=self._on_success,
             on_lifecycle_connection_failure=self._on_failure,
             on_lifecycle_stopped=self._on_stopped,

@@ -93,17 +93,22 @@ def _refusal(endpoint: Endpoint, client_id: str, what: str) -> ConnectionRefused
     )
 
 
+def _where(endpoint: Endpoint) -> str:
+    proxy = f" via HTTP proxy {endpoint.proxy.host}:{endpoint.proxy.port}" if endpoint.proxy else ""
+    return f"{endpoint.host}:{endpoint.port}{proxy}"
+
+
 def _connect_error(endpoint: Endpoint, client_id: str, exc: BaseException) -> Exception:
     if isinstance(exc, crt_exceptions.AwsCrtError):
         if exc.name in _REFUSAL_ERRORS:
             return _refusal(endpoint, client_id, exc.name)
-        return EndpointUnavailable(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc.name}", step="connect")
+        return EndpointUnavailable(f"cannot connect to {_where(endpoint)}: {exc.name}", step="connect")
     if exc.args and isinstance(exc.args[0], mqtt.ConnectReturnCode):
         code = exc.args[0]
         if code in _REFUSAL_CODES:
             return _refusal(endpoint, client_id, f"CONNACK {code.name}")
         return EndpointUnavailable(f"{endpoint.host}:{endpoint.port} answered CONNACK {code.name}", step="connect")
-    return EndpointUnavailable(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}", step="connect")
+    return EndpointUnavailable(f"cannot connect to {_where(endpoint)}: {exc}", step="connect")
 
 
 async def _await(future: concurrent.futures.Future[Any], timeout: float, what: str) -> Any:

@@ -6,7 +6,7 @@ The credential-critical path, in order (each step logged with its duration and o
     -> store (commit a new generation) -> verify (connect with the new identity, CONNACK)
 
 Nothing reaches ``current`` before the certificate is checked against our key and RegisterThing accepted
-it. When the new identity cannot connect, a previous generation (if any) becomes current again.
+it. When an identity is already current, ``current`` moves to the new one only after it has connected.
 """
 
 from __future__ import annotations
@@ -235,7 +235,8 @@ async def provision(config: Config, store: Store, environ: Mapping[str, str]) ->
             staging.write_device_config(registration.device_configuration)
             staging.write_manifest(_manifest(config, certificate, registration))
             previous = store.current()
-            generation = store.commit(staging)
+            # With good credentials in place, `current` moves only once the new identity has connected.
+            generation = store.commit(staging, publish=previous is None)
     except BaseException:
         staging.discard()
         raise
@@ -243,9 +244,14 @@ async def provision(config: Config, store: Store, environ: Mapping[str, str]) ->
         await verify(config, generation, device_client_id(config, registration.thing_name))
     except FleetprovError:
         if previous is not None:
-            store.switch_to(previous)
-            log.error("the new identity could not connect: generation %s is current again", previous.number)
+            log.error(
+                "the new identity (generation %s) could not connect: generation %s stays current",
+                generation.number,
+                previous.number,
+            )
         raise
+    if previous is not None:
+        store.switch_to(generation)
     return generation
 
 

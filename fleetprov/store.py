@@ -282,8 +282,9 @@ class Store:
             raise
         return staging
 
-    def commit(self, staging: Staging) -> Generation:
-        """Publish ``staging`` as generations/<max + 1> and point ``current`` at it.
+    def commit(self, staging: Staging, *, publish: bool = True) -> Generation:
+        """Publish ``staging`` as generations/<max + 1> and, unless ``publish`` is False, point ``current`` at it
+        (with publish=False the caller switches later, e.g. once the new identity has connected).
 
         On failure (StorageError naming the path) ``current`` is left as it was, or put back, and the staging
         directory and any half-published generation are removed.
@@ -308,7 +309,8 @@ class Store:
                 staging.path.rename(destination)
             with storage_errors("sync", self._generations):
                 fsync_dir(self._generations)
-            replace_symlink(self._current, _link_target(number))
+            if publish:
+                replace_symlink(self._current, _link_target(number))
         except StorageError:
             self._undo_commit(previous, number)
             staging.discard()

@@ -200,6 +200,18 @@ def test_second_commit_makes_generation_2_current(store: Store, state: Path) -> 
     assert second.certificate.read_bytes() == certificate_pem(2)
 
 
+def test_commit_without_publishing_leaves_current_alone(store: Store, state: Path) -> None:
+    first = provision(store, 1)
+    staging = store.stage()
+    fill(staging, make_manifest(thing_name="sensor-0002"), 2)
+    second = store.commit(staging, publish=False)
+
+    assert second.number == 2 and second.certificate.read_bytes() == certificate_pem(2)
+    assert store.current() == first
+    store.switch_to(second)
+    assert os.readlink(state / "current") == "generations/2"
+
+
 def test_switch_to_rolls_back_to_an_older_generation(store: Store, state: Path) -> None:
     first = provision(store, 1)
     provision(store, 2)

@@ -29,6 +29,7 @@ test: deps
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/emulator_throughput.py
+	$(BIN)/python benchmarks/provision_latency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

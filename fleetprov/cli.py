@@ -9,7 +9,6 @@ fleetprov emulator ...                  the local AWS IoT emulator
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -52,11 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_check_config)
 
-    emulator = commands.add_parser("emulator", help="local emulator of the AWS IoT fleet-provisioning endpoint")
+    # The emulator's own parser is built only when it runs: `--once` on a device should not pay for it.
+    emulator = commands.add_parser(
+        "emulator", add_help=False, help="local emulator of the AWS IoT fleet-provisioning endpoint"
+    )
+    emulator.set_defaults(handler=_emulator)
+    return parser
+
+
+def _emulator(args: argparse.Namespace) -> int:
     from fleetprov.emulator.cli import add_emulator_commands
 
-    add_emulator_commands(emulator)
-    return parser
+    parser = argparse.ArgumentParser(
+        prog="fleetprov emulator", description="Local emulator of the AWS IoT fleet-provisioning endpoint."
+    )
+    add_emulator_commands(parser)
+    emulator_args = parser.parse_args(args.rest)
+    result: int = emulator_args.handler(emulator_args)
+    return result
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -91,6 +103,8 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def _once(args: argparse.Namespace) -> int:
+    import asyncio
+
     from fleetprov.agent import once, record_last_run
 
     config = _load_config(args)
@@ -147,7 +161,10 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "emulator" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     _setup_logging(args.verbose)
     if args.once and args.command is not None:
         parser.print_usage(sys.stderr)

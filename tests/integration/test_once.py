@@ -230,3 +230,21 @@ def test_configuration_error_exits_78(emulator: Emulator, tmp_path: Path) -> Non
     assert result.returncode == 78
     assert str(config) in result.stderr and "port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_config_redacts_secrets_and_shows_overrides(emulator: Emulator, tmp_path: Path) -> None:
+    config = device_config(emulator, tmp_path)
+    _edit(
+        config, lambda s: s.update(proxy={"host": "proxy.example", "port": 3128, "username": "u", "password": "s3cret"})
+    )
+    result = fleetprov("check-config", "--config", str(config), env={"FLEETPROV_PORT": "443"})
+    assert result.returncode == 0, result.stderr
+    effective = yaml.safe_load(result.stdout)
+    assert effective["proxy"]["password"] == "<redacted>"
+    assert "s3cret" not in result.stdout + result.stderr
+    assert effective["port"] == 443
+    assert effective["provisioning"]["template"] == "fleetprov-demo"
+
+    broken = fleetprov("check-config", "--config", str(config), env={"FLEETPROV_PROXY__PORT": "many"})
+    assert broken.returncode == 78
+    assert "FLEETPROV_PROXY__PORT" in broken.stderr and "s3cret" not in broken.stderr

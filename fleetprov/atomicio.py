@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from fleetprov.crashpoints import crash_mid_write, crash_point
 from fleetprov.errors import StorageError
 
 
@@ -48,6 +49,11 @@ def _create_and_write(path: Path, data: bytes, mode: int) -> None:
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
+        target = path.name.split(".tmp-")[0].lstrip(".")  # the file a temporary file stands in for
+        if crash_mid_write(target):
+            os.write(fd, data[: len(data) // 2])
+            os.fsync(fd)
+            crash_point(f"mid-write:{target}")
         view = memoryview(data)
         while view:
             written = os.write(fd, view)

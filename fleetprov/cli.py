@@ -113,8 +113,10 @@ def _once(args: argparse.Namespace) -> int:
     except FleetprovError as exc:
         record_last_run(config.state_dir, exc.exit_code, exc)
         raise
-    record_last_run(config.state_dir, EX_OK, None)
+    record_last_run(config.state_dir, EX_OK, None, outcome.abandoned)
     generation = outcome.generation
+    for certificate_id in outcome.abandoned:
+        print(f"abandoned: certificate {certificate_id} was issued to this device but not used")
     verb = "provisioned" if outcome.provisioned else "already provisioned; verified"
     print(f"{verb}: thing {generation.manifest.thing_name}, certificate {generation.manifest.certificate_id}")
     print(f"credentials: {config.state_dir / 'current'} -> {generation.path}")

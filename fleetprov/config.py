@@ -119,13 +119,14 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = "info"  # one of LOG_LEVELS
     retry: RetryConfig = RetryConfig()
+    clock_sync_timeout: float = 300.0  # seconds to wait for an implausible (pre-release) clock to be synchronised
 
 
 # The key layout, section by dotted path. Keys of the _NAME_MAPS sections are template parameter names.
 _KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
-        "provisioning", "device", "state_dir", "log_level", "retry",
+        "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout",
     ),
     "retry": ("initial_delay", "max_delay", "budget", "max_attempts"),
     "proxy": ("host", "port", "username", "password"),
@@ -206,6 +207,7 @@ def render_config(config: Config) -> str:
         "device": {"client_id": config.device_client_id},
         "state_dir": str(config.state_dir),
         "log_level": config.log_level,
+        "clock_sync_timeout": config.clock_sync_timeout,
         "retry": {
             "initial_delay": config.retry.initial_delay,
             "max_delay": config.retry.max_delay,
@@ -317,7 +319,15 @@ def _parse(top: YamlReader, source: Path, base: Path, default_state_dir: Path) -
         state_dir=_path(top, "state_dir", base) or default_state_dir,
         log_level=_log_level(top),
         retry=_retry(top.child("retry")),
+        clock_sync_timeout=_clock_sync_timeout(top),
     )
+
+
+def _clock_sync_timeout(top: YamlReader) -> float:
+    seconds = top.number("clock_sync_timeout", 300.0)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise top.error("clock_sync_timeout", "must be zero or a positive number of seconds")
+    return seconds
 
 
 def _retry(section: Optional[YamlReader]) -> RetryConfig:

@@ -198,6 +198,17 @@ class Staging:
     def write_manifest(self, manifest: Manifest) -> Path:
         return self._write(MANIFEST, manifest.to_json(), 0o644)
 
+    @property
+    def private_key(self) -> Path:
+        return self.path / PRIVATE_KEY
+
+    def remove_derived(self) -> None:
+        """Remove the files that are written from the journal (certificate, manifest, device configuration):
+        a crash may have left one half-written. The private key is not derived and stays."""
+        for name in (CERTIFICATE, MANIFEST, DEVICE_CONFIG):
+            with storage_errors("remove", self.path / name):
+                (self.path / name).unlink(missing_ok=True)
+
     def discard(self) -> None:
         """Remove the staging directory; best effort (recover() finishes the job), never raises."""
         shutil.rmtree(self.path, ignore_errors=True)
@@ -351,7 +362,18 @@ class Store:
                 self._remove_generation(number)
         return doomed
 
-    def recover(self) -> list[str]:
+    def reopen(self, name: str) -> Optional[Staging]:
+        """The staging directory ``name`` of an interrupted run, if it is still there."""
+        path = self.state_dir / name
+        if not name.startswith(STAGING_PREFIX) or "/" in name or not _is_real_dir(path):
+            return None
+        return Staging(path)
+
+    def load(self, number: int) -> Generation:
+        """Generation ``number``, checked like ``current`` is (CorruptState if it is not intact)."""
+        return self._load(number)
+
+    def recover(self, keep: Optional[str] = None) -> list[str]:
         """Remove what an interrupted run left behind; returns one note per thing found.
 
         A leftover that cannot be removed is reported in the notes, not raised: credentials under
@@ -366,6 +388,8 @@ class Store:
         notes = []
         for name in names:
             path = self.state_dir / name
+            if name == keep:
+                continue  # the journal names it: the run it belongs to resumes
             if name.startswith(STAGING_PREFIX) and _is_real_dir(path):
                 done = f"removed {path}: a generation that was being built when fleetprov stopped"
             elif name.startswith(REMOVING_PREFIX) and _is_real_dir(path):

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from fleetprov.store import KEY_FILE_REFERENCE, Staging
+from fleetprov.store import KEY_FILE_REFERENCE, CorruptState, Staging
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
 
@@ -53,6 +53,16 @@ class FileKey:
 
 
 class FileKeyBackend:
+    def load_key(self, staging: Staging) -> FileKey:
+        """The key an interrupted run made in ``staging``."""
+        try:
+            key = serialization.load_pem_private_key(staging.private_key.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise CorruptState(f"{staging.private_key} is not a readable private key", step="key") from exc
+        if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+            raise CorruptState(f"{staging.private_key} is neither an EC nor an RSA key", step="key")
+        return FileKey(key)
+
     def create_key(self, key_type: str, staging: Staging) -> FileKey:
         key = generate_private_key(key_type)
         staging.write_private_key(

@@ -173,7 +173,20 @@ def test_endpoint_that_does_not_answer_exits_75_after_the_retry_budget(emulator:
     assert result.returncode == 75, result.stderr
     assert "gave up after" in result.stderr and "connect" in result.stderr
     assert result.stderr.count("retrying in") >= 2
-    _assert_nothing_stored(tmp_path / "state")
+    state = tmp_path / "state"
+    assert not (state / "current").exists() and not list(state.glob("generations/*"))
+    # "Try again later": the journal keeps the run's key so that the next run resumes with it.
+    journal = json.loads((state / "journal.json").read_text())
+    assert journal["stage"] == "key-ready"
+    assert stat.S_IMODE((state / "journal.json").stat().st_mode) == 0o600
+    key = (state / journal["staging"] / "private.key").read_bytes()
+
+    _edit(config, lambda s: s.update(port=emulator.port))
+    again = fleetprov("--once", "--config", str(config))
+    assert again.returncode == 0, again.stderr
+    assert "resuming the interrupted run (stage key-ready)" in again.stderr
+    assert (state / "current" / "private.key").read_bytes() == key
+    assert not (state / "journal.json").exists() and not list(state.glob("staging-*"))
 
 
 def test_transient_rejections_are_retried_with_the_same_certificate(emulator_with: Any, tmp_path: Path) -> None:

@@ -626,7 +626,7 @@ def test_render_redacts_the_password_and_keeps_the_layout(tmp_path: Path) -> Non
     assert rendered["proxy"] == {"host": "proxy.example", "port": 3128, "username": "device", "password": "<redacted>"}
     assert set(rendered) == {
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
-        "provisioning", "device", "state_dir", "log_level", "retry",
+        "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout",
     }  # fmt: skip
     assert rendered["retry"] == {"initial_delay": 1.0, "max_delay": 60.0, "budget": 600.0, "max_attempts": 10}
     assert rendered["root_ca"] == str(tmp_path / "certs" / "AmazonRootCA1.pem")

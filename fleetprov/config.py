@@ -93,6 +93,9 @@ class ProvisioningConfig:
     parameters: ParametersConfig = field(default_factory=ParametersConfig)
 
 
+RETRY_STRATEGIES = ("exponential", "fixed")
+
+
 @dataclass(frozen=True)
 class RetryConfig:
     """How long to keep trying through transient failures (timeouts, lost connections, 429, 5xx)."""
@@ -101,6 +104,7 @@ class RetryConfig:
     max_delay: float = 60.0  # cap of one delay
     budget: float = 600.0  # seconds from the first attempt; then give up with exit 75
     max_attempts: int = 10
+    strategy: str = "exponential"  # or "fixed": always initial_delay, no jitter (for comparisons)
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
         "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout",
     ),
-    "retry": ("initial_delay", "max_delay", "budget", "max_attempts"),
+    "retry": ("initial_delay", "max_delay", "budget", "max_attempts", "strategy"),
     "proxy": ("host", "port", "username", "password"),
     "claim": ("certificate", "private_key", "client_id"),
     "provisioning": ("template", "method", "key_type", "parameters"),
@@ -213,6 +217,7 @@ def render_config(config: Config) -> str:
             "max_delay": config.retry.max_delay,
             "budget": config.retry.budget,
             "max_attempts": config.retry.max_attempts,
+            "strategy": config.retry.strategy,
         },
     }
     # ASCII with escapes: PyYAML emits some characters (NEL, U+0085) raw that it then reads back as line breaks.
@@ -342,6 +347,7 @@ def _retry(section: Optional[YamlReader]) -> RetryConfig:
         max_delay=_seconds(section, "max_delay", RetryConfig.max_delay),
         budget=_seconds(section, "budget", RetryConfig.budget),
         max_attempts=max_attempts,
+        strategy=_choice(section, "strategy", str, RETRY_STRATEGIES, RetryConfig.strategy),
     )
     if retry.max_delay < retry.initial_delay:
         raise section.error("max_delay", "must not be smaller than retry.initial_delay")

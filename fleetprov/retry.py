@@ -37,10 +37,15 @@ async def retrying(policy: RetryConfig, attempt: Callable[[], Awaitable[T]]) -> 
     started = time.monotonic()
     jitter = wait_random_exponential(multiplier=policy.initial_delay, max=policy.max_delay)
 
+    def delay(state: RetryCallState) -> float:
+        if policy.strategy == "fixed":  # what simpler agents do; kept for comparison (benchmarks/herd.py)
+            return policy.initial_delay
+        return float(jitter(state))
+
     def wait(state: RetryCallState) -> float:
         # Never sleep past the budget: the last attempt starts before it ends, not after.
         remaining = policy.budget - (time.monotonic() - started)
-        return max(0.0, min(jitter(state), remaining))
+        return max(0.0, min(delay(state), remaining))
 
     def stop(state: RetryCallState) -> bool:
         out_of_time = time.monotonic() - started >= policy.budget

@@ -628,7 +628,13 @@ def test_render_redacts_the_password_and_keeps_the_layout(tmp_path: Path) -> Non
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
         "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout",
     }  # fmt: skip
-    assert rendered["retry"] == {"initial_delay": 1.0, "max_delay": 60.0, "budget": 600.0, "max_attempts": 10}
+    assert rendered["retry"] == {
+        "initial_delay": 1.0,
+        "max_delay": 60.0,
+        "budget": 600.0,
+        "max_attempts": 10,
+        "strategy": "exponential",
+    }
     assert rendered["root_ca"] == str(tmp_path / "certs" / "AmazonRootCA1.pem")
     assert rendered["provisioning"]["parameters"]["command"] == ["/usr/lib/fleetprov/parameters", "--json", "two words"]
 

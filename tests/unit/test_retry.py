@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fleetprov.config import RetryConfig
+from fleetprov.errors import BadServiceData, EndpointUnavailable, Refused
+from fleetprov.retry import RetriesExhausted, retrying
+
+FAST = RetryConfig(initial_delay=0.01, max_delay=0.02, budget=5, max_attempts=4)
+
+
+def run(policy: RetryConfig, outcomes: list[BaseException | str]) -> tuple[str, int]:
+    calls = 0
+
+    async def attempt() -> str:
+        nonlocal calls
+        outcome = outcomes[calls]
+        calls += 1
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    return asyncio.run(retrying(policy, attempt)), calls
+
+
+def test_transient_failures_are_retried() -> None:
+    assert run(FAST, [EndpointUnavailable("down"), EndpointUnavailable("down"), "ok"]) == ("ok", 3)
+
+
+def test_permanent_failure_stops_at_once() -> None:
+    with pytest.raises(Refused):
+        run(FAST, [Refused("no"), "never"])
+
+
+def test_attempts_run_out_with_exit_75() -> None:
+    with pytest.raises(RetriesExhausted, match=r"gave up after 4 attempts .* last error: connect: down") as raised:
+        run(FAST, [EndpointUnavailable("down", step="connect")] * 4)
+    assert raised.value.exit_code == 75 and raised.value.step == "connect"
+
+
+def test_unusable_replies_to_the_end_exit_65() -> None:
+    with pytest.raises(RetriesExhausted) as raised:
+        run(FAST, [BadServiceData("garbage")] * 4)
+    assert raised.value.exit_code == 65
+
+
+def test_budget_bounds_the_attempts() -> None:
+    # 0.2 s apart within a 0.5 s budget: attempts at 0, 0.2 and 0.4 s, and one more the capped wait allows.
+    policy = RetryConfig(initial_delay=0.2, max_delay=0.2, budget=0.5, max_attempts=100, strategy="fixed")
+    with pytest.raises(RetriesExhausted) as raised:
+        run(policy, [EndpointUnavailable("down")] * 100)
+    attempts = int(raised.value.message.split()[3])
+    assert 3 <= attempts <= 4
+
+
+def test_fixed_strategy_waits_the_same_delay(caplog: pytest.LogCaptureFixture) -> None:
+    policy = RetryConfig(initial_delay=0.1, max_delay=0.1, budget=5, max_attempts=3, strategy="fixed")
+    caplog.set_level("WARNING")
+    with pytest.raises(RetriesExhausted):
+        run(policy, [EndpointUnavailable("down")] * 3)
+    assert [r.getMessage().rsplit(" ", 2)[-2] for r in caplog.records if "retrying in" in r.getMessage()] == [
+        "0.1",
+        "0.1",
+    ]

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := openssl mosquitto mosquitto-clients tinyproxy
+DEB_PACKAGES := openssl mosquitto mosquitto-clients tinyproxy faketime
 
 .PHONY: demo test lint typecheck unit integration bench deps clean
 

@@ -383,6 +383,9 @@ async def provision(
                     exc.message += f" (certificate {certificate_id}, issued to this device, is abandoned)"
             raise
     else:
+        if staging is not None:
+            staging.discard()
+        clear_journal(store.state_dir)
         raise Refused(
             f"the service refused {MAX_FRESH_STARTS} ownership tokens in a row; giving up", step="register-thing"
         )

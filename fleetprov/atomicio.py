@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,12 +68,24 @@ def _create_and_write(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+TEMPORARY_FILE = re.compile(r"\..+\.tmp-\d+")
+
+
+def temporary_path(path: Path) -> Path:
+    """Where write_atomic builds the new content of ``path`` (matches TEMPORARY_FILE)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data``; the file has ``mode`` from its first byte."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     with storage_errors("write", path):
         try:
-            _create_and_write(tmp, data, mode)
+            try:
+                _create_and_write(tmp, data, mode)
+            except FileExistsError:  # left by a killed process that had our pid (pids repeat across boots)
+                tmp.unlink()
+                _create_and_write(tmp, data, mode)
             tmp.replace(path)
             fsync_dir(path.parent)
         except OSError:

@@ -164,11 +164,13 @@ def _resume_or_start(config: Config, store: Store, journal: Optional[Journal]) -
         _discard(store, journal)
         return _start(config, store, _abandon(journal))
     if journal.stage == "committed":
+        log.info("resuming the interrupted run (stage committed: generation %s)", journal.generation)
         return journal, None
     staging = store.reopen(journal.staging)
     if staging is None:
         committed = _generation_of(store, journal.certificate_id) if journal.stage == "registered" else None
         if committed is not None:  # the commit happened; the journal did not hear of it
+            log.info("resuming the interrupted run (stage committed: generation %s)", committed.number)
             return journal.at("committed", generation=committed.number), None
         log.warning("the interrupted run's staging directory is gone: starting over")
         return _start(config, store, _abandon(journal))

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Optional
 
-from fleetprov.atomicio import fsync_dir, fsync_file, replace_symlink, storage_errors, write_new
+from fleetprov.atomicio import TEMPORARY_FILE, fsync_dir, fsync_file, replace_symlink, storage_errors, write_new
 from fleetprov.errors import EX_TEMPFAIL, FleetprovError, StorageError
 
 CURRENT = "current"
@@ -396,10 +396,12 @@ class Store:
                 done = f"removed {path}: an old generation that was being deleted when fleetprov stopped"
             elif name.startswith(f"{CURRENT}.tmp-") and path.is_symlink():
                 done = f"removed {path}: a switch of {CURRENT} that was interrupted"
+            elif TEMPORARY_FILE.fullmatch(name) and path.is_file() and not path.is_symlink():
+                done = f"removed {path}: a file that was being written when fleetprov stopped"
             else:
                 continue
             try:
-                if path.is_symlink():
+                if path.is_symlink() or path.is_file():
                     path.unlink()
                 else:
                     shutil.rmtree(path)

@@ -36,6 +36,11 @@ def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
         help="fault: make OP's accepted replies inconsistent (certificate for another key, wrong private key, "
         "no thingName)",
     )  # fmt: skip
+    serve.add_argument(
+        "--reply-overrides", type=Path, metavar="FILE",
+        help="fault: a JSON file, read at every request, whose {OP: {field: value}} replace fields of OP's "
+        'accepted replies (null removes one; "$raw": base64 replaces the whole payload)',
+    )  # fmt: skip
     serve.set_defaults(handler=_serve)
 
     things = commands.add_parser("things", help="list things as JSON")
@@ -91,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         rejects=args.reject,
         thing_groups=args.thing_group,
         tamper=args.tamper,
+        reply_overrides=args.reply_overrides,
     )
     asyncio.run(serve(settings))
     return EX_OK

@@ -119,7 +119,12 @@ class ProvisioningService:
             result = await self._dispatch(request, body, caller)
             if request.operation in self.faults.config.tamper:
                 result = self._tampered(request.operation, result)
+            override = self.faults.reply_override(request.operation)
+            if override is not None:
+                result = override.applied_to(result)
             reply = self._reply(request, result, accepted=True)
+            if override is not None and override.raw is not None:
+                reply = Reply(reply.topic, override.raw, accepted=True)
         except ApiRejection as rejection:
             log.info(
                 "%s from %s rejected: %s %s %s",

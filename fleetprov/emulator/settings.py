@@ -78,7 +78,7 @@ def _parse(top: YamlReader, state_dir: Path, base: Path) -> EmulatorSettings:
         billing_groups=top.strings("billing_groups") or (),
         policies=_policies(top, base),
         claim_templates=top.strings("claim_templates"),
-        faults=_faults(top.child("faults")),
+        faults=_faults(top.child("faults"), base),
     )
 
 
@@ -128,10 +128,12 @@ def _policies(top: YamlReader, base: Path) -> tuple[tuple[str, Path], ...]:
     return tuple(policies)
 
 
-def _faults(section: Optional[YamlReader]) -> FaultConfig:
+def _faults(section: Optional[YamlReader], base: Path) -> FaultConfig:
     if section is None:
         return FaultConfig()
-    section.check_keys(["reply_delay", "close_after_messages", "throttle_per_second", "reject", "tamper"])
+    section.check_keys(
+        ["reply_delay", "close_after_messages", "throttle_per_second", "reject", "tamper", "reply_overrides_file"]
+    )
     rejections = []
     for index, item in enumerate(section.get("reject", list, [])):
         if not isinstance(item, dict):
@@ -154,8 +156,13 @@ def _faults(section: Optional[YamlReader]) -> FaultConfig:
         throttle_per_second=section.get("throttle_per_second", (int, float)),
         reject=tuple(rejections),
         tamper=section.strings("tamper") or (),
+        reply_overrides_file=_optional_path(section.get("reply_overrides_file", str), base),
     )
     return checked_faults(faults, section.where)
+
+
+def _optional_path(text: Optional[str], base: Path) -> Optional[Path]:
+    return None if text is None else base / text
 
 
 def checked_faults(faults: FaultConfig, where: str) -> FaultConfig:
@@ -209,6 +216,7 @@ def with_flags(
     rejects: Sequence[str],
     thing_groups: Sequence[str],
     tamper: Sequence[str] = (),
+    reply_overrides: Optional[Path] = None,
 ) -> EmulatorSettings:
     """Command-line flags win over the YAML file."""
     sources = {source.name: source for source in settings.templates}
@@ -228,6 +236,7 @@ def with_flags(
         throttle_per_second=faults.throttle_per_second if throttle is None else throttle,
         reject=faults.reject + tuple(parse_reject_flag(text) for text in rejects),
         tamper=faults.tamper + tuple(tamper),
+        reply_overrides_file=faults.reply_overrides_file if reply_overrides is None else reply_overrides,
     )
     faults = checked_faults(faults, "command line")
     if token_ttl is not None and not (math.isfinite(token_ttl) and token_ttl > 0):

@@ -842,3 +842,13 @@ def test_manifest_from_json_with_one_field_changed(manifest: Manifest, name: str
 @given(st.builds(Manifest, **VALID_FIELDS))
 def test_manifest_round_trips_through_json(manifest: Manifest) -> None:
     assert Manifest.from_json(manifest.to_json(), WHERE) == manifest
+
+
+def test_recover_removes_half_written_temporary_files(store: Store, state: Path) -> None:
+    leftover = state / ".journal.json.tmp-4242"
+    leftover.write_bytes(b'{"half":')
+    unrelated = state / ".keep-me"
+    unrelated.write_bytes(b"x")
+    notes = store.recover()
+    assert notes == [f"removed {leftover}: a file that was being written when fleetprov stopped"]
+    assert not leftover.exists() and unrelated.exists()

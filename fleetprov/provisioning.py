@@ -120,7 +120,8 @@ class ProvisioningClient:
 
 def _unmodeled(step: str, inner: Optional[BaseException]) -> FleetprovError:
     name = getattr(inner, "name", "") or type(inner).__name__
-    if "TIMEOUT" in name or "SHUT_DOWN" in name or "CONNECTION" in name or "UNSUBSCRIBE" in name:
+    # A lost connection surfaces as a failed (re)subscription of the request-response client.
+    if "TIMEOUT" in name or "SHUT_DOWN" in name or "CONNECTION" in name or "SUBSCRIBE" in name:
         return NoReply(f"no reply: {name}", step=step)
     return BadServiceData(f"unusable reply: {name}: {inner}", step=step)
 

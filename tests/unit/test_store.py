@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -35,7 +37,10 @@ from fleetprov.store import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Not a real key; a marker that must never show up in an error message.
-KEY_PEM = b"-----BEGIN PRIVATE KEY-----\nS3CR3T-KEY-MATERIAL-DO-NOT-LOG\n-----END PRIVATE KEY-----\n"
+# A real key, made at test time: no key material lives in the repository.
+KEY_PEM = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+)
 PKCS11_REFERENCE = "pkcs11:token=fleetprov;object=device-key;type=private"
 WHERE = Path("/var/lib/fleetprov/generations/1/manifest.json")
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import resource
 import signal
@@ -59,6 +58,7 @@ from typing import Any, Optional
 
 from awscrt import mqtt, mqtt_request_response
 from awsiot import V2ServiceException, iotidentity, mqtt_connection_builder
+from benchlib import percentile, positive_int
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -366,14 +366,6 @@ def run_devices(
 # -- figures -------------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], p: float) -> Optional[float]:
-    """Nearest-rank percentile of a non-empty list, else None."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
 def latency_summary(values: list[float]) -> dict[str, Optional[float]]:
     return {
         "p50_ms": _ms(percentile(values, 50)),
@@ -465,13 +457,6 @@ def _fmt_ms(value: Optional[float]) -> str:
 
 
 # -- main ----------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

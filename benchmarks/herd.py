@@ -98,6 +98,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from benchlib import percentile, positive_int, rounded, tail
 
 from fleetprov.emulator.launch import RunningEmulator, launch
 
@@ -356,23 +357,6 @@ def registry_summary(emulator_state: Path, env: dict[str, str]) -> dict[str, Any
 # -- one herd against one emulator --------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> Optional[float]:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
-def _round(value: Optional[float], digits: int = 2) -> Optional[float]:
-    return None if value is None else round(value, digits)
-
-
-def tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
 def exit_histogram(children: list[Child]) -> dict[str, int]:
     counts = Counter("killed" if c.killed else str(c.exit_code) for c in children)
     return dict(sorted(counts.items()))
@@ -466,7 +450,7 @@ class Bench:
         finally:
             emulator.stop()
         if warm.children[0].exit_code != 0:
-            raise RuntimeError(f"the warm-up run failed:\n{tail(warm.children[0].stderr_path)}")
+            raise RuntimeError(f"the warm-up run failed:\n{tail(warm.children[0].stderr_path, STDERR_TAIL_LINES)}")
 
     def device_configs(self, emulator: RunningEmulator, run_dir: Path, retry: dict[str, Any], count: int) -> list[Path]:
         generated = subprocess.run(
@@ -527,9 +511,9 @@ class Bench:
         run.exit_codes = exit_histogram(children)
         seconds = [c.seconds for c in children if c.seconds is not None]
         run.completion_s = {
-            "p50": _round(percentile(seconds, 50)),
-            "p90": _round(percentile(seconds, 90)),
-            "max": _round(max(seconds, default=None)),
+            "p50": rounded(percentile(seconds, 50)),
+            "p90": rounded(percentile(seconds, 90)),
+            "max": rounded(max(seconds, default=None)),
         }
         if run.throttle:
             run.ideal = round(run.devices * REQUESTS_PER_DEVICE / run.throttle, 3)
@@ -568,11 +552,12 @@ class Bench:
             if (problems or child.exit_code != 0) and shown < MAX_SHOWN_FAILURES:
                 shown += 1
                 why = "killed at the time-out" if child.killed else f"exit {child.exit_code}"
-                self.say(f"\n[{run.label}] device {child.index} ({why}); stderr ends with:\n{tail(child.stderr_path)}")
+                stderr = tail(child.stderr_path, STDERR_TAIL_LINES)
+                self.say(f"\n[{run.label}] device {child.index} ({why}); stderr ends with:\n{stderr}")
         if run.ratio is not None:  # issue 5: all provision, none gives up, and within 1.5x of the ideal
             run.target = "PASS" if run.ratio <= TARGET_RATIO and run.provisioned == run.devices else "MISS"
         run.retries_per_device = {
-            "mean": _round(statistics.mean(retries) if retries else None),
+            "mean": rounded(statistics.mean(retries) if retries else None),
             "max": max(retries, default=None),
         }
         requests = run.requests
@@ -693,13 +678,6 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 # -- main ---------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def positive_float(text: str) -> float:

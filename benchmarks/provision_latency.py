@@ -48,7 +48,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -62,6 +61,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from benchlib import positive_int, rounded, tail
 
 from fleetprov.emulator.launch import RunningEmulator, launch
 
@@ -140,12 +141,6 @@ def child_environment(pycache: Path, bytecode_cache: bool) -> dict[str, str]:
     return env
 
 
-def tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, emulator: RunningEmulator, work: Path, deadline: float) -> None:
         self.args = args
@@ -193,7 +188,7 @@ class Bench:
             stderr_text = stderr_path.read_text(errors="replace")
             result.steps = {step: float(seconds) for step, seconds in STEP_LINE.findall(stderr_text)}
         if not result.ok:
-            result.stderr_tail = tail(stderr_path)
+            result.stderr_tail = tail(stderr_path, STDERR_TAIL_LINES)
         return result
 
 
@@ -255,23 +250,19 @@ def build_report(runs: list[Run], runs_per_kind: int, bytecode_cache: bool) -> R
     return Report(
         runs_per_kind=runs_per_kind,
         bytecode_cache=bytecode_cache,
-        wall_seconds={k: {n: _round(v, 4) for n, v in s.items()} for k, s in wall.items()},
-        peak_rss_mib={k: {n: _round(v, 2) for n, v in s.items()} for k, s in rss.items()},
-        cpu_seconds={k: {n: _round(v, 3) for n, v in s.items()} for k, s in cpu.items()},
-        wall_ratio=_round(ratio, 3),
-        cpu_ratio=_round(cpu_ratio, 3),
-        rss_difference_mb=_round(difference_mb, 2),
-        rss_difference_mib=_round(difference_mib, 2),
+        wall_seconds={k: {n: rounded(v, 4) for n, v in s.items()} for k, s in wall.items()},
+        peak_rss_mib={k: {n: rounded(v, 2) for n, v in s.items()} for k, s in rss.items()},
+        cpu_seconds={k: {n: rounded(v, 3) for n, v in s.items()} for k, s in cpu.items()},
+        wall_ratio=rounded(ratio, 3),
+        cpu_ratio=rounded(cpu_ratio, 3),
+        rss_difference_mb=rounded(difference_mb, 2),
+        rss_difference_mib=rounded(difference_mib, 2),
         wall_target=verdict(None if ratio is None else ratio <= WALL_TARGET_RATIO),
         rss_target=verdict(None if difference_mb is None else difference_mb * 1e6 <= RSS_TARGET_BYTES),
         fleetprov_step_seconds_median={step: round(statistics.median(v), 3) for step, v in steps.items()},
         failures=sum(1 for run in runs if not run.ok),
         runs=[{**asdict(run), "ok": run.ok} for run in runs],
     )
-
-
-def _round(value: Optional[float], digits: int) -> Optional[float]:
-    return None if value is None else round(value, digits)
 
 
 def _span(values: dict[str, Optional[float]], unit: str, fmt: str) -> str:
@@ -310,13 +301,6 @@ def print_table(report: Report) -> None:
 
 
 # -- main ------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

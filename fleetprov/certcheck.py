@@ -14,7 +14,7 @@ from typing import Optional
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fleetprov.errors import BadServiceData
+from fleetprov.errors import BadServiceData, printable
 
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
@@ -47,7 +47,8 @@ def check_certificate(
     certificate_id = hashlib.sha256(der).hexdigest()
     if expected_id is not None and expected_id.lower() != certificate_id:
         raise BadServiceData(
-            f"the service said certificate {expected_id[:16]}..., but the certificate's id is {certificate_id[:16]}...",
+            f"the service said certificate {printable(expected_id, 16)}, "
+            f"but the certificate's id is {certificate_id[:16]}...",
             step=step,
         )
     now = now or dt.datetime.now(dt.timezone.utc)

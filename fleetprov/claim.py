@@ -1,12 +1,16 @@
 """Fleet provisioning by claim: the credential-critical path, readable in one sitting.
 
     parameters -> key -> connect (claim) -> create-certificate -> check-certificate -> register-thing
-    -> store (a new generation) -> verify (connect with the new identity) -> current
+    -> store (staged files) -> verify (connect with the new identity) -> commit (a new generation, current)
 
 Write before you talk: each step's result is in the journal (fleetprov/journal.py) before the next network
 call, so a run that was killed resumes where it stopped. RegisterThing is retried with the saved ownership
 token while the token is valid; past that the certificate is abandoned (recorded, and reported by
 `fleetprov status`) and the run starts over with a new one.
+
+Never lose good credentials: the new identity connects from its staging directory before it is committed,
+so `current` only ever moves to an identity that has connected, in one atomic step. A run that fails for
+good (not "try again later") keeps nothing and names every certificate it was issued and gave up on.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from fleetprov.keys import DeviceKey
 from fleetprov.keys.file import FileKeyBackend, public_key_der
 from fleetprov.provisioning import ProvisioningClient, ServiceRejected
 from fleetprov.retry import retrying
-from fleetprov.session import Endpoint, Identity, connect, open_session
+from fleetprov.session import Endpoint, Identity, Session, connect, open_session
 from fleetprov.store import KEY_FILE_REFERENCE, Generation, Manifest, Staging, Store, iso_utc
 
 log = logging.getLogger(__name__)
@@ -54,14 +58,28 @@ class TokenAbandoned(FleetprovError):
     """The ownership token can no longer be used: start over with a new certificate."""
 
 
+class Progress:
+    """This run's latest journal. It is updated in memory before it is written, so that a run whose journal
+    write fails (a full disk) still knows which certificate it was issued, and says so."""
+
+    def __init__(self, state_dir: Path, journal: Journal) -> None:
+        self.state_dir = state_dir
+        self.journal = journal
+
+    def save(self, journal: Journal) -> Journal:
+        self.journal = journal
+        return save_journal(self.state_dir, journal)
+
+
 @contextlib.contextmanager
-def step(name: str) -> Iterator[None]:
-    """Log one step: `name: ok (0.12 s)` or `name: failed after 0.12 s: why`; errors learn their step."""
+def step(name: str, *, owns_errors: bool = False) -> Iterator[None]:
+    """Log one step: `name: ok (0.12 s)` or `name: failed after 0.12 s: why`; errors learn their step (with
+    ``owns_errors``, even those that name an inner step: a verify connection fails as "verify")."""
     started = time.monotonic()
     try:
         yield
     except FleetprovError as exc:
-        exc.step = exc.step or name
+        exc.step = name if owns_errors else exc.step or name
         log.error("%s: failed after %.2f s: %s", name, time.monotonic() - started, exc.message)
         raise
     log.info("%s: ok (%.2f s)", name, time.monotonic() - started)
@@ -80,8 +98,9 @@ def endpoint_of(config: Config) -> Endpoint:
 
 
 def token_fingerprint(token: str) -> str:
-    """What the logs may say about an ownership token: never the token itself."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
+    """What the logs may say about an ownership token: never the token itself (any string, even one with a
+    lone surrogate, which JSON allows)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def device_client_id(config: Config, thing_name: str) -> str:
@@ -142,7 +161,11 @@ def _start(config: Config, store: Store, abandoned: tuple[str, ...]) -> tuple[Jo
         endpoint=config.endpoint,
         abandoned=abandoned,
     )
-    save_journal(store.state_dir, journal)
+    try:
+        save_journal(store.state_dir, journal)
+    except FleetprovError:
+        staging.discard()  # no journal names it: nothing would ever resume from it
+        raise
     crash_point("after-start")
     return journal, staging
 
@@ -260,67 +283,92 @@ async def _register(
     )
 
 
-def _key(config: Config, journal: Journal, staging: Staging, state_dir: Path) -> tuple[Journal, Optional[DeviceKey]]:
+def _key(config: Config, progress: Progress, staging: Staging) -> Optional[DeviceKey]:
     """The device key of this run: made now (CSR, stage started), read back (CSR, later stages), or none."""
     backend = FileKeyBackend()
+    journal = progress.journal
     if config.provisioning.method != "csr":
         if journal.stage == "started" and staging.private_key.exists():
             # Killed after CreateKeysAndCertificate answered, before the journal heard of it.
             log.warning("a certificate created by the interrupted run was lost with it; AWS deletes it in an hour")
             staging.private_key.unlink()
-        return journal, None
+        return None
     if journal.stage != "started":
-        return journal, backend.load_key(staging)
+        return backend.load_key(staging)
     staging.private_key.unlink(missing_ok=True)  # a key half-written when the last run was killed
     with step("key"):
         key = backend.create_key(config.provisioning.key_type, staging)
-    journal = save_journal(state_dir, journal.at("key-ready", key_reference=key.key_reference))
+    progress.save(journal.at("key-ready", key_reference=key.key_reference))
     crash_point("after-key")
-    return journal, key
+    return key
 
 
 async def _registered(
-    config: Config,
-    store: Store,
-    *,
-    journal: Journal,
-    staging: Staging,
-    parameters: Mapping[str, str],
-    claim_client_id: str,
-) -> Journal:
+    config: Config, progress: Progress, staging: Staging, parameters: Mapping[str, str], claim_client_id: str
+) -> None:
     """Advance the journal to "registered", resuming from whatever stage it is at."""
-    journal, key = _key(config, journal, staging, store.state_dir)
+    if progress.journal.stage == "registered":
+        return
+    key = _key(config, progress, staging)
     claim = Identity(config.claim.certificate, config.claim.private_key)
+    connection = _ClaimConnection(config, claim, claim_client_id)
 
-    async def attempt() -> Journal:
-        nonlocal journal
-        if journal.stage == "issued" and not journal.token_usable():
+    async def attempt() -> None:
+        if progress.journal.stage == "issued" and not progress.journal.token_usable():
             raise TokenAbandoned("the ownership token has expired or is about to")
-        with step("connect"):
-            session = await connect(endpoint_of(config), claim, claim_client_id)
+        client = await connection.client()
         try:
-            client = ProvisioningClient(session.protocol_client, config.operation_timeout)
-            if journal.stage in ("started", "key-ready"):
-                journal = save_journal(store.state_dir, await _issue(journal, staging, client, key, claim_client_id))
+            if progress.journal.stage in ("started", "key-ready"):
+                progress.save(await _issue(progress.journal, staging, client, key, claim_client_id))
                 crash_point("after-issued")
-            journal = save_journal(store.state_dir, await _register(config, journal, client, parameters))
+            progress.save(await _register(config, progress.journal, client, parameters))
             crash_point("after-registered")
-            return journal
-        finally:
-            await session.close(config.operation_timeout)
+        except ServiceRejected as exc:
+            if not exc.transient:
+                await connection.close()
+            raise  # 429 or 5xx: the service answered, so the connection is fine; the retry reuses it
+        except BaseException:
+            await connection.close()  # lost, or in an unknown state: the retry connects afresh
+            raise
 
-    if journal.stage == "registered":
-        return journal
-    return await retrying(config.retry, attempt)
+    try:
+        await retrying(config.retry, attempt)
+    finally:
+        await connection.close()
+
+
+class _ClaimConnection:
+    """The claim connection, kept across retries that the service asked for (429, 5xx): a throttled fleet
+    should not also pay a TLS handshake per retry, nor race its own client id on reconnect."""
+
+    def __init__(self, config: Config, claim: Identity, client_id: str) -> None:
+        self._config = config
+        self._claim = claim
+        self._client_id = client_id
+        self._session: Optional[Session] = None
+        self._client: Optional[ProvisioningClient] = None
+
+    async def client(self) -> ProvisioningClient:
+        if self._session is None or self._client is None:
+            with step("connect"):
+                self._session = await connect(endpoint_of(self._config), self._claim, self._client_id)
+            self._client = ProvisioningClient(self._session.protocol_client, self._config.operation_timeout)
+        return self._client
+
+    async def close(self) -> None:
+        session, self._session, self._client = self._session, None, None
+        if session is not None:
+            await session.close(self._config.operation_timeout)
 
 
 # -- storing and proving ------------------------------------------------------------------------------
 
 
-def _commit(config: Config, store: Store, journal: Journal, staging: Staging) -> tuple[Journal, Generation]:
+def _stage_identity(config: Config, journal: Journal, staging: Staging) -> Identity:
+    """Write the registered identity's files next to its key; the journal holds everything they say."""
     with step("store"):
         staging.remove_derived()  # a crash may have left one half-written; the journal has their content
-        staging.write_certificate(journal.text("certificate_pem").encode())
+        certificate = staging.write_certificate(journal.text("certificate_pem").encode())
         staging.write_device_config(journal.device_configuration or {})
         staging.write_manifest(
             Manifest(
@@ -334,26 +382,64 @@ def _commit(config: Config, store: Store, journal: Journal, staging: Staging) ->
                 provisioned_at=iso_utc(dt.datetime.now(dt.timezone.utc)),
             )
         )
-        crash_point("before-commit")
-        # With good credentials in place, `current` moves only once the new identity has connected.
-        generation = store.commit(staging, publish=store.current() is None)
-        journal = save_journal(store.state_dir, journal.at("committed", generation=generation.number))
-    crash_point("after-commit")
-    return journal, generation
+    crash_point("before-verify")
+    return Identity(certificate, staging.private_key)
 
 
 async def verify(config: Config, generation: Generation, client_id: str) -> None:
-    """Connect with the generation's identity and wait for CONNACK: the proof that it works."""
+    """Connect with a committed generation's identity and wait for CONNACK: the proof that it works."""
     if generation.private_key is None:
         raise ConfigError("this generation's key is in a PKCS#11 token, which this build cannot use", step="verify")
-    identity = Identity(generation.certificate, generation.private_key)
+    await verify_identity(config, Identity(generation.certificate, generation.private_key), client_id)
 
+
+async def verify_identity(config: Config, identity: Identity, client_id: str) -> None:
     async def attempt() -> None:
-        with step("verify"):
+        with step("verify", owns_errors=True):
             async with open_session(endpoint_of(config), identity, client_id):
                 log.info("connected to %s:%s as %s", config.endpoint, config.port, client_id)
 
     await retrying(config.retry, attempt)
+
+
+async def _verified_and_committed(config: Config, store: Store, progress: Progress, staging: Staging) -> Generation:
+    """The registered identity connects from staging; only then is it committed and made current."""
+    journal = progress.journal
+    identity = _stage_identity(config, journal, staging)
+    await verify_identity(config, identity, device_client_id(config, journal.text("thing_name")))
+    crash_point("before-commit")
+    with step("commit"):
+        generation = store.commit(staging, publish=True)
+    crash_point("after-commit")
+    return generation
+
+
+def _finish(store: Store, generation: Generation) -> None:
+    """After the commit nothing can fail the run: the journal goes, and if it cannot, the next run sees the
+    commit (the generation holds the journal's certificate) and removes it then."""
+    try:
+        clear_journal(store.state_dir)
+    except FleetprovError as exc:
+        log.warning("generation %s is committed, but the journal stays: %s", generation.number, exc.message)
+
+
+def _give_up(store: Store, progress: Progress, staging: Optional[Staging], exc: FleetprovError) -> None:
+    """A final failure keeps nothing of this run, and names every certificate it was issued and abandoned."""
+    if staging is not None:
+        staging.discard()
+    with contextlib.suppress(FleetprovError):
+        clear_journal(store.state_dir)
+    for certificate_id in _abandon(progress.journal):
+        exc.message += f" (certificate {certificate_id}, issued to this device, is abandoned)"
+
+
+def _committed(store: Store, journal: Journal) -> Generation:
+    """An interrupted run that got as far as its commit: make sure `current` is the committed generation."""
+    generation = store.load(journal.generation or 0)
+    if store.current() != generation:
+        with step("commit"):
+            store.switch_to(generation)
+    return generation
 
 
 async def provision(
@@ -362,39 +448,41 @@ async def provision(
     """Provision by claim (or finish the interrupted run the journal describes); returns once verified."""
     check_claim_files(config)
     parameters, claim_client_id = _parameters(config, environ, config.claim.client_id)
-    journal, staging = _resume_or_start(config, store, journal)
-    for _ in range(MAX_FRESH_STARTS):
-        if staging is None:
-            break
-        try:
-            journal = await _registered(
-                config, store, journal=journal, staging=staging, parameters=parameters, claim_client_id=claim_client_id
-            )
-            journal, generation = _commit(config, store, journal, staging)
-            break
-        except TokenAbandoned as exc:
-            log.warning("%s: starting over with a new certificate", exc.message)
-            staging.discard()
-            journal, staging = _start(config, store, _abandon(journal))
-        except FleetprovError as exc:
-            if exc.exit_code != EX_TEMPFAIL:
-                # Final: nothing of this run is kept. Only "try again later" leaves the journal to resume from.
+    progress = Progress(store.state_dir, journal or _no_journal(config))
+    staging: Optional[Staging] = None
+    try:
+        progress.journal, staging = _resume_or_start(config, store, journal)
+        for _ in range(MAX_FRESH_STARTS):
+            if staging is None:
+                generation = _committed(store, progress.journal)
+                break
+            try:
+                await _registered(config, progress, staging, parameters, claim_client_id)
+                generation = await _verified_and_committed(config, store, progress, staging)
+                break
+            except TokenAbandoned as exc:
+                log.warning("%s: starting over with a new certificate", exc.message)
                 staging.discard()
-                clear_journal(store.state_dir)
-                for certificate_id in _abandon(journal):
-                    exc.message += f" (certificate {certificate_id}, issued to this device, is abandoned)"
-            raise
-    else:
-        if staging is not None:
-            staging.discard()
-        clear_journal(store.state_dir)
-        raise Refused(
-            f"the service refused {MAX_FRESH_STARTS} ownership tokens in a row; giving up", step="register-thing"
-        )
-    generation = store.load(journal.generation or 0)
-    await verify(config, generation, device_client_id(config, journal.text("thing_name")))
-    if store.current() != generation:
-        store.switch_to(generation)
-    crash_point("after-verify")
-    clear_journal(store.state_dir)
-    return Provisioned(generation, journal.abandoned)
+                staging = None
+                progress.journal, staging = _start(config, store, _abandon(progress.journal))
+        else:
+            raise Refused(
+                f"the service refused {MAX_FRESH_STARTS} ownership tokens in a row; giving up", step="register-thing"
+            )
+    except FleetprovError as exc:
+        if exc.exit_code != EX_TEMPFAIL:  # only "try again later" leaves the journal to resume from
+            _give_up(store, progress, staging, exc)
+        raise
+    _finish(store, generation)
+    return Provisioned(generation, progress.journal.abandoned)
+
+
+def _no_journal(config: Config) -> Journal:
+    """What Progress holds before the first journal exists: nothing issued, nothing to report."""
+    return Journal(
+        staging="",
+        method=config.provisioning.method,
+        key_type=config.provisioning.key_type,
+        template=config.provisioning.template,
+        endpoint=config.endpoint,
+    )

@@ -463,8 +463,16 @@ def _proxy(section: Optional[YamlReader]) -> Optional[ProxyConfig]:
     password = _text(section, "password")
     if password is not None and username is None:
         raise section.error("password", "given without proxy.username")
+    host = _required_text(section, "host", "the proxy's host name")
+    if any(char in host for char in "/@") or any(char.isspace() for char in host):
+        # Not echoed: a proxy URL (as in https_proxy) may carry a password.
+        raise section.error(
+            "host",
+            "give the proxy's host name only, not a URL (no scheme, user, password or path); "
+            "credentials go in proxy.username and proxy.password",
+        )
     return ProxyConfig(
-        host=_required_text(section, "host", "the proxy's host name"),
+        host=host,
         port=_port(section, "port", None),
         username=username,
         password=password,

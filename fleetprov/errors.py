@@ -17,6 +17,13 @@ EX_NOPERM = 77
 EX_CONFIG = 78
 
 
+def printable(text: str, limit: int = 120) -> str:
+    """``text`` made safe for a one-line message: anything not printable (line breaks, ESC, lone surrogates)
+    escaped as in Python source, and text longer than ``limit`` cut with "..."."""
+    shown = text if len(text) <= limit else text[:limit] + "..."
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in shown)
+
+
 class FleetprovError(Exception):
     """Root of every error fleetprov raises on purpose."""
 

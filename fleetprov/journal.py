@@ -6,11 +6,13 @@
     key-ready   the device key is in the staging directory
     issued      the service issued a certificate: its id and PEM, the ownership token and its deadline
     registered  RegisterThing accepted: thing name and device configuration
-    committed   the generation is stored (its number); it still has to connect
+    committed   the generation is stored (its number); never written, only derived: a run killed between
+                its commit and the journal's removal leaves "registered" with its staging directory gone,
+                and the next run finds the generation holding the journal's certificate
 
 A run that finds a journal resumes from its stage: RegisterThing with the saved token while the token is
-valid (minus a margin), else it starts over and records the abandoned certificate. The journal is removed
-once the new identity has connected.
+valid (minus a margin), else it starts over and records the abandoned certificate. The new identity
+connects from the staging directory before it is committed; the journal is removed after the commit.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -16,18 +17,19 @@ from typing import Any, Optional
 from awscrt import mqtt_request_response
 from awsiot import V2ServiceException, iotidentity
 
-from fleetprov.errors import EX_NOPERM, EX_TEMPFAIL, BadServiceData, FleetprovError
+from fleetprov.errors import EX_NOPERM, EX_TEMPFAIL, BadServiceData, FleetprovError, printable
 from fleetprov.session import ProtocolClient
 
 CREATE_CERTIFICATE = "create-certificate"
 REGISTER_THING = "register-thing"
+THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")  # AWS IoT's ThingName pattern
 
 
 class ServiceRejected(FleetprovError):
     """The service answered on the ``/rejected`` topic."""
 
     def __init__(self, step: str, status_code: int, error_code: str, error_message: str) -> None:
-        super().__init__(f"rejected: {status_code} {error_code}: {error_message}", step=step)
+        super().__init__(f"rejected: {status_code} {printable(error_code)}: {printable(error_message, 400)}", step=step)
         self.status_code = status_code
         self.error_code = error_code
         self.error_message = error_message
@@ -90,15 +92,19 @@ class ProvisioningClient:
             template_name=template, certificate_ownership_token=ownership_token, parameters=dict(parameters)
         )
         reply = await self._call(self._client.register_thing(request), REGISTER_THING)
-        configuration = reply.device_configuration or {}
+        configuration = {} if reply.device_configuration is None else reply.device_configuration
         if not isinstance(configuration, dict) or not all(
             isinstance(key, str) and isinstance(value, str) for key, value in configuration.items()
         ):
             raise BadServiceData("deviceConfiguration is not an object of strings", step=REGISTER_THING)
-        return Registration(
-            thing_name=_text(reply.thing_name, "thingName", REGISTER_THING),
-            device_configuration=dict(configuration),
-        )
+        thing_name = _text(reply.thing_name, "thingName", REGISTER_THING)
+        if not THING_NAME.fullmatch(thing_name):
+            raise BadServiceData(
+                f"the thingName in the reply is not a valid thing name ({printable(thing_name, 40)}): AWS IoT "
+                "thing names are 1 to 128 of a-z, A-Z, 0-9, ':', '_' and '-'",
+                step=REGISTER_THING,
+            )
+        return Registration(thing_name=thing_name, device_configuration=dict(configuration))
 
     async def _call(self, future: concurrent.futures.Future[Any], step: str) -> Any:
         try:
@@ -123,7 +129,7 @@ def _unmodeled(step: str, inner: Optional[BaseException]) -> FleetprovError:
     # A lost connection surfaces as a failed (re)subscription of the request-response client.
     if "TIMEOUT" in name or "SHUT_DOWN" in name or "CONNECTION" in name or "SUBSCRIBE" in name:
         return NoReply(f"no reply: {name}", step=step)
-    return BadServiceData(f"unusable reply: {name}: {inner}", step=step)
+    return BadServiceData(f"unusable reply: {name}: {printable(str(inner))}", step=step)
 
 
 def _text(value: object, field_name: str, step: str) -> str:

@@ -263,6 +263,7 @@ class Store:
                     holder = _read_pid(fd)
                     who = f"another fleetprov (pid {holder})" if holder else "another fleetprov"
                     raise StoreLocked(f"{who} holds {path}; wait for it to finish") from None
+            with contextlib.suppress(OSError):  # the pid only helps the next message; a full disk must not stop us
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             try:

@@ -13,7 +13,7 @@ from typing import Any, Optional, overload
 
 import yaml
 
-from fleetprov.errors import ConfigError
+from fleetprov.errors import ConfigError, printable
 
 
 def load_yaml_mapping(path: Path) -> dict[Any, Any]:
@@ -57,14 +57,26 @@ def describe_yaml_error(exc: yaml.YAMLError) -> str:
 
     The excerpt could show a secret (a proxy password on the line with the syntax error).
     """
+    if isinstance(exc, yaml.reader.ReaderError):
+        return _describe_reader_error(exc)
     if not isinstance(exc, yaml.MarkedYAMLError):
-        return str(exc)
+        return printable(" ".join(str(exc).split()), 200)
     parts = []
     for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
         if text:
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             parts.append(f"{text}{where}")
     return ": ".join(parts) or "syntax error"
+
+
+def _describe_reader_error(exc: yaml.reader.ReaderError) -> str:
+    """A character YAML does not allow, or bytes that are not text, on one line (PyYAML's own text spans two)."""
+    code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    if exc.encoding and exc.encoding != "unicode":  # bytes that do not decode
+        what = f"byte #x{code:02x} is not valid {exc.encoding}"
+    else:
+        what = f"unacceptable character #x{code:04x}"
+    return f"{what}: {printable(str(exc.reason))} (character {exc.position + 1})"
 
 
 class YamlReader:
@@ -93,7 +105,8 @@ class YamlReader:
         return None
 
     def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.origin(key) or self.where}: {self.prefix}{key}: {problem}", step="config")
+        where = self.origin(key) or self.where
+        return ConfigError(f"{where}: {printable(self.prefix + key)}: {problem}", step="config")
 
     def check_keys(self, allowed: Sequence[str]) -> None:
         for key in self.data:

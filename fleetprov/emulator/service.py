@@ -25,6 +25,7 @@ from fleetprov.emulator.policy import Policy, PolicyError
 from fleetprov.emulator.registry import Registry
 from fleetprov.emulator.templates import ProvisioningPlan, TemplateError, ThingSpec, evaluate, parse_template
 from fleetprov.errors import EmulatorError
+from fleetprov.provisioning import THING_NAME
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ REGISTER_THING = "RegisterThing"
 
 DEFAULT_TOKEN_TTL = 3600.0
 MAX_PAYLOAD_BYTES = 128 * 1024  # AWS IoT Core's message size limit
-_THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")  # AWS IoT's ThingName pattern
 
 _TOPIC = re.compile(
     r"^\$aws/(?:certificates/(?P<create>create|create-from-csr)"
@@ -339,7 +339,7 @@ class ProvisioningService:
             for name in names:
                 if not self.registry.named_exists(kind, name):
                     raise ApiRejection(404, "ResourceNotFound", f"{label} {name} does not exist")
-        if not _THING_NAME.fullmatch(spec.thing_name):
+        if not THING_NAME.fullmatch(spec.thing_name):
             raise ApiRejection(
                 400,
                 "InvalidParameters",

@@ -64,7 +64,7 @@ POINTS = [
     _csr("mid-write:private.key", "device key half-written in staging (O_EXCL, no temp file), journal 'started'"),
     _csr("after-key", "key in staging and journal 'key-ready', before any network call"),
     # mid-write:<file> fires on the FIRST write of that file. For journal.json that is the 'started' journal;
-    # the later journal writes (key-ready, issued, registered, committed) are replaced atomically the same
+    # the later journal writes (key-ready, issued, registered) are replaced atomically the same
     # way but cannot be singled out: the step-boundary points around them cover the states they leave.
     _csr(
         "mid-write:journal.json",
@@ -86,9 +86,9 @@ POINTS = [
     _csr("mid-write:certificate.pem", "certificate.pem half-written in staging, journal 'registered'", issued=True),
     _csr("mid-write:device-config.json", "device-config.json half-written in staging", issued=True),
     _csr("mid-write:manifest.json", "manifest.json half-written in staging", issued=True),
-    _csr("before-commit", "staging complete, not yet renamed to generations/<n>", issued=True),
-    _csr("after-commit", "generations/1 and current published, journal 'committed', before verify", issued=True),
-    _csr("after-verify", "verified and current switched, the journal not yet removed", issued=True),
+    _csr("before-verify", "staging complete, journal 'registered', before the new identity connects", issued=True),
+    _csr("before-commit", "the new identity connected from staging, not yet renamed to generations/<n>", issued=True),
+    _csr("after-commit", "generations/1 and current published, the journal ('registered') not yet removed", issued=True),
     # Beyond the brief's list: the last write of a run, after provisioning succeeded (the rerun only verifies).
     Point(
         "mid-write:last-run.json",
@@ -120,9 +120,9 @@ POINTS = [
     _keys("after-issued", "journal 'issued', service key in staging, before RegisterThing", issued=True),
     _keys("after-register-reply", "RegisterThing accepted, journal still 'issued'", issued=True),
     _keys("after-registered", "journal 'registered'", issued=True),
-    _keys("before-commit", "staging complete, not yet committed", issued=True),
-    _keys("after-commit", "committed, before verify", issued=True),
-    _keys("after-verify", "verified, the journal not yet removed", issued=True),
+    _keys("before-verify", "staging complete, not yet verified", issued=True),
+    _keys("before-commit", "verified from staging, not yet committed", issued=True),
+    _keys("after-commit", "committed and current, the journal not yet removed", issued=True),
 ]
 
 

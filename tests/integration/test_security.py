@@ -165,10 +165,6 @@ def test_proxy_password_is_never_shown(emulator: Emulator, tmp_path: Path) -> No
     assert password not in (tmp_path / "state" / "last-run.json").read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.host accepts a proxy URL with user:password@ (as in https_proxy) and check-config prints it",
-)
 def test_proxy_url_with_credentials_is_refused(emulator: Emulator, tmp_path: Path) -> None:
     password = f"pw-{secrets.token_hex(12)}"
     config = configure(emulator, tmp_path, proxy={"host": f"http://device:{password}@proxy.lan:3128", "port": 3128})

@@ -5,14 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := openssl mosquitto mosquitto-clients tinyproxy faketime
+DEB_PACKAGES := openssl mosquitto mosquitto-clients tinyproxy faketime softhsm2
 
 .PHONY: demo test lint typecheck unit integration bench deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[emulator,test]'
+	$(BIN)/pip install --quiet -e '.[emulator,pkcs11,test]'
 	touch $(STAMP)
 
 deps: $(STAMP)

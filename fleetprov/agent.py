@@ -43,11 +43,12 @@ async def once(config: Config, environ: Optional[Mapping[str, str]] = None) -> O
         for note in store.recover(keep=journal.staging if journal else None):
             log.info("recovered: %s", note)
         current = store.current()
+        environ = os.environ if environ is None else environ
         if current is not None and journal is None:
             log.info("already provisioned as %s (generation %s)", current.manifest.thing_name, current.number)
-            await verify(config, current, device_client_id(config, current.manifest.thing_name))
+            await verify(config, current, device_client_id(config, current.manifest.thing_name), environ)
             return Outcome(current, provisioned=False)
-        result = await provision(config, store, os.environ if environ is None else environ, journal)
+        result = await provision(config, store, environ, journal)
         return Outcome(result.generation, provisioned=True, abandoned=result.abandoned)
 
 

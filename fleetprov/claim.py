@@ -36,12 +36,14 @@ from fleetprov.crashpoints import crash_point
 from fleetprov.errors import EX_TEMPFAIL, BadServiceData, ConfigError, FleetprovError, Refused
 from fleetprov.facts import default_claim_client_id, read_facts, template_parameters
 from fleetprov.journal import TOKEN_LIFETIME, Journal, clear_journal, save_journal
-from fleetprov.keys import DeviceKey
+from fleetprov.keys import PreparedKey, prepared
 from fleetprov.keys.file import FileKeyBackend, public_key_der
+from fleetprov.keys.pkcs11_settings import Pkcs11Settings, read_pin
+from fleetprov.keys.pkcs11_uri import Pkcs11Uri, parse_pkcs11_uri
 from fleetprov.provisioning import ProvisioningClient, ServiceRejected
 from fleetprov.retry import retrying
-from fleetprov.session import Endpoint, Identity, Session, connect, open_session
-from fleetprov.store import KEY_FILE_REFERENCE, Generation, Manifest, Staging, Store, iso_utc
+from fleetprov.session import Endpoint, Identity, Session, TokenKey, connect, open_session
+from fleetprov.store import KEY_FILE_REFERENCE, CorruptState, Generation, Manifest, Staging, Store, iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +122,50 @@ def _check_readable_file(path: Path, what: str) -> None:
 def check_claim_files(config: Config) -> None:
     _check_readable_file(config.root_ca, "root CA")
     _check_readable_file(config.claim.certificate, "claim certificate")
-    _check_readable_file(config.claim.private_key, "claim private key")
-    mode = stat.S_IMODE(config.claim.private_key.stat().st_mode)
+    key = config.claim.private_key
+    if key is None:  # in a token: awscrt finds it when it connects
+        return
+    _check_readable_file(key, "claim private key")
+    mode = stat.S_IMODE(key.stat().st_mode)
     if mode & 0o077:
         raise ConfigError(
-            f"claim private key {config.claim.private_key} is readable by others (mode {mode:04o}): "
-            f"run 'chmod 600 {config.claim.private_key}'",
-            step="claim",
+            f"claim private key {key} is readable by others (mode {mode:04o}): run 'chmod 600 {key}'", step="claim"
         )
+
+
+def _token_key(config: Config, uri: Pkcs11Uri, environ: Mapping[str, str]) -> TokenKey:
+    settings = config.keys.pkcs11
+    if settings is None:  # config.py refuses a pkcs11: key without keys.pkcs11; a manifest may still name one
+        raise ConfigError(f"the key {uri} is in a PKCS#11 token: configure keys.pkcs11", step="config")
+    if uri.key_label is None:
+        raise ConfigError(f"awscrt selects a token key by its label; {uri} names none", step="config")
+    return TokenKey(
+        library=settings.library,
+        token_label=uri.token_label,
+        slot=None,
+        key_label=uri.key_label,
+        pin=read_pin(settings, environ),
+    )
+
+
+def claim_identity(config: Config, environ: Mapping[str, str]) -> Identity:
+    claim = config.claim
+    if claim.private_key_uri is not None:
+        return Identity(claim.certificate, token_key=_token_key(config, claim.private_key_uri, environ))
+    return Identity(claim.certificate, claim.private_key)
+
+
+def device_identity(
+    config: Config, certificate: Path, key_reference: str, key_file: Path, environ: Mapping[str, str]
+) -> Identity:
+    """The identity of a generation (or a staged one): its key in ``key_file`` or in the token it names."""
+    if key_reference == KEY_FILE_REFERENCE:
+        return Identity(certificate, key_file)
+    try:
+        uri = parse_pkcs11_uri(key_reference)
+    except ValueError as exc:
+        raise CorruptState(f"the key reference {key_reference!r} is unusable: {exc}", step="verify") from None
+    return Identity(certificate, token_key=_token_key(config, uri, environ))
 
 
 def _parameters(
@@ -229,13 +267,11 @@ def _public_key_of_pem(private_key_pem: str) -> bytes:
     return public_key_der(key.public_key())
 
 
-async def _issue(
-    journal: Journal, staging: Staging, client: ProvisioningClient, key: Optional[DeviceKey], claim_client_id: str
-) -> Journal:
+async def _issue(journal: Journal, staging: Staging, client: ProvisioningClient, key: Optional[PreparedKey]) -> Journal:
     """CreateCertificateFromCsr for ``key``, or CreateKeysAndCertificate; checked; the next journal stage."""
     with step("create-certificate"):
         if key is not None:
-            issued = await client.create_certificate_from_csr(key.csr_pem(claim_client_id))
+            issued = await client.create_certificate_from_csr(key.csr_pem)
         else:
             issued = await client.create_keys_and_certificate()
     issued_at = time.time()
@@ -247,7 +283,7 @@ async def _issue(
     )
     with step("check-certificate"):
         if key is not None:
-            expected, key_reference = key.public_key_der(), key.key_reference
+            expected, key_reference = key.public_key_der, key.key_reference
         else:
             expected, key_reference = _public_key_of_pem(issued.private_key_pem or ""), KEY_FILE_REFERENCE
         checked = check_certificate(issued.certificate_pem, expected, expected_id=issued.certificate_id)
@@ -283,9 +319,11 @@ async def _register(
     )
 
 
-def _key(config: Config, progress: Progress, staging: Staging) -> Optional[DeviceKey]:
-    """The device key of this run: made now (CSR, stage started), read back (CSR, later stages), or none."""
-    backend = FileKeyBackend()
+def _key(
+    config: Config, progress: Progress, staging: Staging, common_name: str, environ: Mapping[str, str]
+) -> Optional[PreparedKey]:
+    """The device key, while a CSR is still to be sent: made now (stage started) or found again (key-ready);
+    None for CreateKeysAndCertificate and once the certificate is issued."""
     journal = progress.journal
     if config.provisioning.method != "csr":
         if journal.stage == "started" and staging.private_key.exists():
@@ -293,25 +331,55 @@ def _key(config: Config, progress: Progress, staging: Staging) -> Optional[Devic
             log.warning("a certificate created by the interrupted run was lost with it; AWS deletes it in an hour")
             staging.private_key.unlink()
         return None
-    if journal.stage != "started":
-        return backend.load_key(staging)
-    staging.private_key.unlink(missing_ok=True)  # a key half-written when the last run was killed
+    if journal.stage not in ("started", "key-ready"):
+        return None
     with step("key"):
-        key = backend.create_key(config.provisioning.key_type, staging)
-    progress.save(journal.at("key-ready", key_reference=key.key_reference))
-    crash_point("after-key")
+        if config.keys.backend == "pkcs11":
+            key = _prepare_token_key(config, environ, common_name)
+        elif journal.stage == "key-ready":
+            key = prepared(FileKeyBackend().load_key(staging), common_name)
+        else:
+            staging.private_key.unlink(missing_ok=True)  # a key half-written when the last run was killed
+            key = prepared(FileKeyBackend().create_key(config.provisioning.key_type, staging), common_name)
+    if journal.stage == "started":
+        progress.save(journal.at("key-ready", key_reference=key.key_reference))
+        crash_point("after-key")
     return key
 
 
+def _pkcs11_settings(config: Config) -> Pkcs11Settings:
+    if config.keys.pkcs11 is None:  # config.py requires it for backend pkcs11
+        raise ConfigError("keys.backend is pkcs11, but keys.pkcs11 is missing", step="config")
+    return config.keys.pkcs11
+
+
+def _prepare_token_key(config: Config, environ: Mapping[str, str], common_name: str) -> PreparedKey:
+    """fleetprov.keys.token needs python-pkcs11 and asn1crypto (the extra 'pkcs11'): imported only here."""
+    try:
+        from fleetprov.keys.token import prepare_token_key  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigError(
+            f"keys.backend pkcs11 needs python-pkcs11 and asn1crypto ({exc.name} is missing): "
+            "install fleetprov[pkcs11]",
+            step="key",
+        ) from None
+    return prepare_token_key(_pkcs11_settings(config), environ, config.provisioning.key_type, common_name)
+
+
 async def _registered(
-    config: Config, progress: Progress, staging: Staging, parameters: Mapping[str, str], claim_client_id: str
+    config: Config,
+    *,
+    progress: Progress,
+    staging: Staging,
+    parameters: Mapping[str, str],
+    claim_client_id: str,
+    environ: Mapping[str, str],
 ) -> None:
     """Advance the journal to "registered", resuming from whatever stage it is at."""
     if progress.journal.stage == "registered":
         return
-    key = _key(config, progress, staging)
-    claim = Identity(config.claim.certificate, config.claim.private_key)
-    connection = _ClaimConnection(config, claim, claim_client_id)
+    key = _key(config, progress, staging, claim_client_id, environ)
+    connection = _ClaimConnection(config, claim_identity(config, environ), claim_client_id)
 
     async def attempt() -> None:
         if progress.journal.stage == "issued" and not progress.journal.token_usable():
@@ -319,7 +387,7 @@ async def _registered(
         client = await connection.client()
         try:
             if progress.journal.stage in ("started", "key-ready"):
-                progress.save(await _issue(progress.journal, staging, client, key, claim_client_id))
+                progress.save(await _issue(progress.journal, staging, client, key))
                 crash_point("after-issued")
             progress.save(await _register(config, progress.journal, client, parameters))
             crash_point("after-registered")
@@ -364,7 +432,7 @@ class _ClaimConnection:
 # -- storing and proving ------------------------------------------------------------------------------
 
 
-def _stage_identity(config: Config, journal: Journal, staging: Staging) -> Identity:
+def _stage_identity(config: Config, journal: Journal, staging: Staging, environ: Mapping[str, str]) -> Identity:
     """Write the registered identity's files next to its key; the journal holds everything they say."""
     with step("store"):
         staging.remove_derived()  # a crash may have left one half-written; the journal has their content
@@ -383,14 +451,15 @@ def _stage_identity(config: Config, journal: Journal, staging: Staging) -> Ident
             )
         )
     crash_point("before-verify")
-    return Identity(certificate, staging.private_key)
+    key_reference = journal.key_reference or KEY_FILE_REFERENCE
+    return device_identity(config, certificate, key_reference, staging.private_key, environ)
 
 
-async def verify(config: Config, generation: Generation, client_id: str) -> None:
+async def verify(config: Config, generation: Generation, client_id: str, environ: Mapping[str, str]) -> None:
     """Connect with a committed generation's identity and wait for CONNACK: the proof that it works."""
-    if generation.private_key is None:
-        raise ConfigError("this generation's key is in a PKCS#11 token, which this build cannot use", step="verify")
-    await verify_identity(config, Identity(generation.certificate, generation.private_key), client_id)
+    key_file = generation.private_key or generation.certificate.parent / "private.key"
+    identity = device_identity(config, generation.certificate, generation.manifest.key_reference, key_file, environ)
+    await verify_identity(config, identity, client_id)
 
 
 async def verify_identity(config: Config, identity: Identity, client_id: str) -> None:
@@ -402,10 +471,12 @@ async def verify_identity(config: Config, identity: Identity, client_id: str) ->
     await retrying(config.retry, attempt)
 
 
-async def _verified_and_committed(config: Config, store: Store, progress: Progress, staging: Staging) -> Generation:
+async def _verified_and_committed(
+    config: Config, store: Store, progress: Progress, staging: Staging, environ: Mapping[str, str]
+) -> Generation:
     """The registered identity connects from staging; only then is it committed and made current."""
     journal = progress.journal
-    identity = _stage_identity(config, journal, staging)
+    identity = _stage_identity(config, journal, staging, environ)
     await verify_identity(config, identity, device_client_id(config, journal.text("thing_name")))
     crash_point("before-commit")
     with step("commit"):
@@ -457,8 +528,15 @@ async def provision(
                 generation = _committed(store, progress.journal)
                 break
             try:
-                await _registered(config, progress, staging, parameters, claim_client_id)
-                generation = await _verified_and_committed(config, store, progress, staging)
+                await _registered(
+                    config,
+                    progress=progress,
+                    staging=staging,
+                    parameters=parameters,
+                    claim_client_id=claim_client_id,
+                    environ=environ,
+                )
+                generation = await _verified_and_committed(config, store, progress, staging, environ)
                 break
             except TokenAbandoned as exc:
                 log.warning("%s: starting over with a new certificate", exc.message)

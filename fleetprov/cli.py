@@ -139,6 +139,7 @@ def _status(args: argparse.Namespace) -> int:
             not_after=manifest.not_after,
             endpoint=manifest.endpoint,
             key_backend=manifest.key_reference.split(":", 1)[0],
+            key_reference=manifest.key_reference,
             generation=current.number,
             provisioned_at=manifest.provisioned_at,
         )

@@ -28,6 +28,8 @@ import yaml
 
 from fleetprov.errors import ConfigError
 from fleetprov.facts import FACT_NAMES
+from fleetprov.keys.pkcs11_settings import Pkcs11Settings
+from fleetprov.keys.pkcs11_uri import URI_SCHEME, Pkcs11Uri, parse_pkcs11_uri
 from fleetprov.yamlread import YamlReader, load_yaml_mapping, parse_yaml
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "METHODS",
     "ClaimConfig",
     "Config",
+    "KeysConfig",
     "ParametersConfig",
     "ProvisioningConfig",
     "ProxyConfig",
@@ -52,6 +55,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/fleetprov")
 ENV_PREFIX = "FLEETPROV_"
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
 METHODS = ("csr", "create-keys")
+KEY_BACKENDS = ("file", "pkcs11")
+DEFAULT_PKCS11_KEY_LABEL = "fleetprov-device"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MQTT_VERSIONS = (3, 5)
 REDACTED = "<redacted>"
@@ -70,8 +75,17 @@ class ProxyConfig:
 @dataclass(frozen=True)
 class ClaimConfig:
     certificate: Path
-    private_key: Path
+    private_key: Optional[Path]  # None when the claim key is in a PKCS#11 token: then private_key_uri
     client_id: Optional[str] = None  # None: derived per device (fleetprov.facts), never one ID for the fleet
+    private_key_uri: Optional[Pkcs11Uri] = None  # the claim key in keys.pkcs11's library, with its PIN
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """Where the device key lives: a file in the generation (default) or a PKCS#11 token."""
+
+    backend: str = "file"  # one of KEY_BACKENDS
+    pkcs11: Optional[Pkcs11Settings] = None  # required for backend pkcs11 and for a claim key in a token
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,7 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = "info"  # one of LOG_LEVELS
     retry: RetryConfig = RetryConfig()
+    keys: KeysConfig = KeysConfig()
     clock_sync_timeout: float = 300.0  # seconds to wait for an implausible (pre-release) clock to be synchronised
 
 
@@ -130,7 +145,11 @@ class Config:
 _KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
-        "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout",
+        "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout", "keys",
+    ),
+    "keys": ("backend", "pkcs11"),
+    "keys.pkcs11": (
+        "library", "token_label", "slot", "key_label", "key_id", "pin_file", "pin_env", "pin_credential",
     ),
     "retry": ("initial_delay", "max_delay", "budget", "max_attempts", "strategy"),
     "proxy": ("host", "port", "username", "password"),
@@ -193,7 +212,7 @@ def render_config(config: Config) -> str:
         },
         "claim": {
             "certificate": str(config.claim.certificate),
-            "private_key": str(config.claim.private_key),
+            "private_key": str(config.claim.private_key_uri or config.claim.private_key),
             "client_id": config.claim.client_id,
         },
         "provisioning": {
@@ -212,6 +231,7 @@ def render_config(config: Config) -> str:
         "state_dir": str(config.state_dir),
         "log_level": config.log_level,
         "clock_sync_timeout": config.clock_sync_timeout,
+        "keys": _render_keys(config.keys),
         "retry": {
             "initial_delay": config.retry.initial_delay,
             "max_delay": config.retry.max_delay,
@@ -222,6 +242,23 @@ def render_config(config: Config) -> str:
     }
     # ASCII with escapes: PyYAML emits some characters (NEL, U+0085) raw that it then reads back as line breaks.
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def _render_keys(keys: KeysConfig) -> dict[str, object]:
+    token = keys.pkcs11
+    if token is None:
+        return {"backend": keys.backend, "pkcs11": None}
+    settings = {
+        "library": str(token.library),
+        "token_label": token.token_label,
+        "slot": token.slot,
+        "key_label": token.key_label,
+        "key_id": None if token.key_id is None else token.key_id.hex(),
+        "pin_file": None if token.pin_file is None else str(token.pin_file),
+        "pin_env": token.pin_env,
+        "pin_credential": token.pin_credential,
+    }
+    return {"backend": keys.backend, "pkcs11": {name: value for name, value in settings.items() if value is not None}}
 
 
 # --- overrides -----------------------------------------------------------------------------------
@@ -308,6 +345,27 @@ def _default_state_dir(environ: Mapping[str, str]) -> Path:
 
 def _parse(top: YamlReader, source: Path, base: Path, default_state_dir: Path) -> Config:
     top.check_keys(_KEYS[""])
+    config = _parse_keys(top, source, base, default_state_dir)
+    _check_key_places(top, config)
+    return config
+
+
+def _check_key_places(top: YamlReader, config: Config) -> None:
+    """What the sections allow alone but not together."""
+    token = config.keys.pkcs11
+    if config.keys.backend == "pkcs11" and token is None:
+        raise top.error("keys.pkcs11", "missing: the token (library, token_label, a PIN source) for backend pkcs11")
+    if config.claim.private_key_uri is not None and token is None:
+        raise top.error("keys.pkcs11", "missing: the PKCS#11 library and PIN for the claim key's pkcs11: URI")
+    if config.keys.backend == "pkcs11" and config.provisioning.method == "create-keys":
+        raise top.error(
+            "provisioning.method",
+            "create-keys cannot keep its key in a PKCS#11 token (the service makes that key, outside the token): "
+            "use csr with keys.backend pkcs11",
+        )
+
+
+def _parse_keys(top: YamlReader, source: Path, base: Path, default_state_dir: Path) -> Config:
     # Keyword arguments are evaluated in order: the file's order, so the first error is the first bad key.
     return Config(
         source=source,
@@ -324,6 +382,7 @@ def _parse(top: YamlReader, source: Path, base: Path, default_state_dir: Path) -
         state_dir=_path(top, "state_dir", base) or default_state_dir,
         log_level=_log_level(top),
         retry=_retry(top.child("retry")),
+        keys=_keys(top.child("keys"), base),
         clock_sync_timeout=_clock_sync_timeout(top),
     )
 
@@ -480,11 +539,57 @@ def _proxy(section: Optional[YamlReader]) -> Optional[ProxyConfig]:
 
 
 def _claim(section: YamlReader, base: Path) -> ClaimConfig:
+    certificate = _required_path(section, "certificate", base, "the claim certificate (PEM)")
+    key = _required_text(section, "private_key", "the claim certificate's private key (PEM, or a pkcs11: URI)")
+    if key.startswith(URI_SCHEME):
+        try:
+            uri = parse_pkcs11_uri(key)
+        except ValueError as exc:
+            raise section.error("private_key", f"not a usable PKCS#11 URI: {exc}") from None
+        if uri.key_label is None or uri.object_type != "private":
+            raise section.error("private_key", "a claim key URI names a private key by label (object=...)")
+        return ClaimConfig(certificate, None, _client_id(section), uri)
     return ClaimConfig(
-        certificate=_required_path(section, "certificate", base, "the claim certificate (PEM)"),
+        certificate=certificate,
         private_key=_required_path(section, "private_key", base, "the claim certificate's private key (PEM)"),
         client_id=_client_id(section),
     )
+
+
+def _keys(section: Optional[YamlReader], base: Path) -> KeysConfig:
+    if section is None:
+        return KeysConfig()
+    section.check_keys(_KEYS["keys"])
+    backend = _choice(section, "backend", str, KEY_BACKENDS, "file")
+    token = section.child("pkcs11")
+    return KeysConfig(backend=backend, pkcs11=None if token is None else _pkcs11(token, base))
+
+
+def _pkcs11(section: YamlReader, base: Path) -> Pkcs11Settings:
+    if "pin" in section.data:
+        # Config files are copied, diffed and attached to bug reports: a PIN does not belong in one.
+        raise section.error("pin", "a PIN in the config file is refused: use pin_file, pin_env or pin_credential")
+    section.check_keys(_KEYS["keys.pkcs11"])
+    library = _required_path(section, "library", base, "the PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so)")
+    slot = section.get("slot", int)
+    key_id = _text(section, "key_id")
+    try:
+        key_id_bytes = None if key_id is None else bytes.fromhex(key_id)
+    except ValueError:
+        raise section.error("key_id", "expected hexadecimal digits, e.g. '01a2'") from None
+    try:
+        return Pkcs11Settings(
+            library=library,
+            token_label=_text(section, "token_label"),
+            slot=slot,
+            key_label=_text(section, "key_label") or DEFAULT_PKCS11_KEY_LABEL,
+            key_id=key_id_bytes,
+            pin_file=_path(section, "pin_file", base),
+            pin_env=_text(section, "pin_env"),
+            pin_credential=_text(section, "pin_credential"),
+        )
+    except ValueError as exc:  # which of the keys go together
+        raise section.error("", str(exc)) from None
 
 
 def _provisioning(section: YamlReader) -> ProvisioningConfig:

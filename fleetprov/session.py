@@ -11,21 +11,23 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from awscrt import exceptions as crt_exceptions
-from awscrt import http, mqtt, mqtt5
+from awscrt import http, io, mqtt, mqtt5
 from awsiot import mqtt5_client_builder, mqtt_connection_builder
 
 from fleetprov.config import ProxyConfig
-from fleetprov.errors import EndpointUnavailable, Refused
+from fleetprov.errors import ConfigError, EndpointUnavailable, Refused
 
 log = logging.getLogger(__name__)
 
 ProtocolClient = Union[mqtt.Connection, mqtt5.Client]
+T = TypeVar("T")
 
 # What a refused connection looks like from the device: AWS IoT Core closes the connection after the TLS
 # handshake (bad certificate status, a policy without iot:Connect for this client id) rather than sending
@@ -50,11 +52,43 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class TokenKey:
+    """A private key in a PKCS#11 token, as awscrt selects it: library, token (label or slot), key label."""
+
+    library: Path
+    token_label: Optional[str]
+    slot: Optional[int]
+    key_label: str
+    pin: str = field(repr=False)  # a secret: never shown, not even in a traceback's locals
+
+
+@dataclass(frozen=True)
 class Identity:
-    """The TLS client identity: certificate and private key files."""
+    """The TLS client identity: a certificate file, and its private key in a file or in a token."""
 
     certificate: Path
-    private_key: Path
+    private_key: Optional[Path] = None
+    token_key: Optional[TokenKey] = None
+
+    def __post_init__(self) -> None:
+        if (self.private_key is None) == (self.token_key is None):
+            raise ValueError("an identity has its key in a file or in a token")
+
+
+_pkcs11_libraries: dict[Path, io.Pkcs11Lib] = {}
+
+
+def _pkcs11_library(path: Path) -> io.Pkcs11Lib:
+    """One awscrt handle per module and process. DEFAULT: C_Initialize tolerates a module that python-pkcs11
+    initialised, and awscrt never calls C_Finalize, which would pull the module from under the other."""
+    if path not in _pkcs11_libraries:
+        try:
+            _pkcs11_libraries[path] = io.Pkcs11Lib(
+                file=str(path), behavior=io.Pkcs11Lib.InitializeFinalizeBehavior.DEFAULT
+            )
+        except crt_exceptions.AwsCrtError as exc:
+            raise ConfigError(f"{path} is not a usable PKCS#11 library: {exc.name}", step="connect") from None
+    return _pkcs11_libraries[path]
 
 
 def _proxy_options(proxy: Optional[ProxyConfig]) -> Optional[http.HttpProxyOptions]:
@@ -73,15 +107,49 @@ def _proxy_options(proxy: Optional[ProxyConfig]) -> Optional[http.HttpProxyOptio
 
 def _builder_options(endpoint: Endpoint, identity: Identity, client_id: str) -> dict[str, Any]:
     """What awsiotsdk's MQTT 3.1.1 and MQTT 5 builders take alike (they add ALPN for port 443 themselves)."""
-    return {
+    options: dict[str, Any] = {
         "endpoint": endpoint.host,
         "port": endpoint.port,
         "cert_filepath": str(identity.certificate),
-        "pri_key_filepath": str(identity.private_key),
         "ca_filepath": str(endpoint.root_ca),
         "client_id": client_id,
         "http_proxy_options": _proxy_options(endpoint.proxy),
     }
+    token = identity.token_key
+    if token is None:
+        options["pri_key_filepath"] = str(identity.private_key)
+    else:
+        options.update(
+            pkcs11_lib=_pkcs11_library(token.library),
+            user_pin=token.pin,
+            slot_id=token.slot,
+            token_label=token.token_label,
+            private_key_label=token.key_label,
+        )
+    return options
+
+
+def _built(build: Callable[..., T], identity: Identity, **options: Any) -> T:
+    """An awsiotsdk builder's client; a token that will not give awscrt the key is a ConfigError (exit 78)."""
+    try:
+        return build(**options)
+    except (crt_exceptions.AwsCrtError, RuntimeError) as exc:  # awscrt raises RuntimeError("1075 (AWS_ERROR_...)")
+        token = identity.token_key
+        if token is None or "AWS_ERROR_PKCS11" not in str(exc) + getattr(exc, "name", ""):
+            raise
+        raise ConfigError(_token_problem(token, str(exc) + getattr(exc, "name", "")), step="connect") from None
+
+
+def _token_problem(token: TokenKey, error: str) -> str:
+    where = f"token {token.token_label!r}" if token.token_label is not None else f"the token in slot {token.slot}"
+    if "KEY_NOT_FOUND" in error:
+        return f"{where} holds no private key with label {token.key_label!r} (or more than one)"
+    if "PIN_INCORRECT" in error:
+        return f"the PIN was refused by {where}"
+    if "TOKEN_NOT_FOUND" in error:
+        return f"no token labelled {token.token_label!r} in {token.library}"
+    name = re.search(r"AWS_ERROR_PKCS11\w*", error)
+    return f"{where} cannot give key {token.key_label!r} to TLS: {name.group(0) if name else error}"
 
 
 def _refusal(endpoint: Endpoint, client_id: str, what: str) -> ConnectionRefused:
@@ -121,7 +189,12 @@ async def _await(future: concurrent.futures.Future[Any], timeout: float, what: s
 class _Mqtt3Session:
     def __init__(self, endpoint: Endpoint, identity: Identity, client_id: str) -> None:
         self.client_id = client_id
-        self.connection = mqtt_connection_builder.mtls_from_path(
+        build = (
+            mqtt_connection_builder.mtls_with_pkcs11 if identity.token_key else mqtt_connection_builder.mtls_from_path
+        )
+        self.connection = _built(
+            build,
+            identity,
             **_builder_options(endpoint, identity, client_id),
             clean_session=True,
             keep_alive_secs=endpoint.keep_alive,
@@ -150,7 +223,10 @@ class _Mqtt5Session:
         self.client_id = client_id
         self._connected: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self.client = mqtt5_client_builder.mtls_from_path(
+        build = mqtt5_client_builder.mtls_with_pkcs11 if identity.token_key else mqtt5_client_builder.mtls_from_path
+        self.client = _built(
+            build,
+            identity,
             **_builder_options(endpoint, identity, client_id),
             session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
             keep_alive_interval_sec=endpoint.keep_alive,

@@ -106,7 +106,7 @@ class YamlReader:
 
     def error(self, key: str, problem: str) -> ConfigError:
         where = self.origin(key) or self.where
-        return ConfigError(f"{where}: {printable(self.prefix + key)}: {problem}", step="config")
+        return ConfigError(f"{where}: {printable((self.prefix + key).rstrip('.'))}: {problem}", step="config")
 
     def check_keys(self, allowed: Sequence[str]) -> None:
         for key in self.data:

@@ -67,6 +67,11 @@ def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--protocol", type=int, choices=[3, 5], default=3, help="MQTT 3.1.1 or 5")
     device.add_argument("--state-dir-for-device", type=Path, help="the device's state directory")
     device.add_argument("--serial", help="SerialNumber template parameter (default: a new random one)")
+    device.add_argument("--key-backend", choices=["file", "pkcs11"], default="file", help="where the device key lives")
+    device.add_argument("--pkcs11-library", type=Path, help="PKCS#11 module (with --key-backend pkcs11)")
+    device.add_argument("--token-label", help="label of the token (with --key-backend pkcs11)")
+    device.add_argument("--pin-file", type=Path, help="file holding the token's user PIN, mode 0600")
+    device.add_argument("--key-label", help="label of the device key in the token (default fleetprov-device)")
     device.set_defaults(handler=_device_config)
 
     claim = commands.add_parser("claim", help="issue another claim certificate and key into --out")
@@ -191,9 +196,26 @@ def _device_config(args: argparse.Namespace) -> int:
         # Short retries: against a local emulator, waiting minutes for a transient failure helps nobody.
         "retry": {"initial_delay": 0.2, "max_delay": 2, "budget": 20, "max_attempts": 5},
     }
+    if args.key_backend == "pkcs11":
+        config["keys"] = {"backend": "pkcs11", "pkcs11": _pkcs11_section(args)}
     sys.stdout.write(f"# fleetprov configuration for the emulator in {args.state_dir}\n")
     sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
     return EX_OK
+
+
+def _pkcs11_section(args: argparse.Namespace) -> dict[str, str]:
+    missing = [flag for flag, value in (("--pkcs11-library", args.pkcs11_library), ("--token-label", args.token_label),
+               ("--pin-file", args.pin_file)) if value is None]  # fmt: skip
+    if missing:
+        raise EmulatorError(f"--key-backend pkcs11 needs {', '.join(missing)}")
+    section = {
+        "library": str(args.pkcs11_library.resolve()),
+        "token_label": args.token_label,
+        "pin_file": str(args.pin_file.resolve()),
+    }
+    if args.key_label:
+        section["key_label"] = args.key_label
+    return section
 
 
 def _claim(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ asks of it: a CSR for the key, and the public key to compare an issued certifica
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from fleetprov.store import Staging
@@ -28,3 +29,17 @@ class DeviceKey(Protocol):
 
 class KeyBackend(Protocol):
     def create_key(self, key_type: str, staging: Staging) -> DeviceKey: ...
+
+
+@dataclass(frozen=True)
+class PreparedKey:
+    """The device key as the network steps need it, made before the claim connection opens (a token's module
+    is then no longer needed by anything but awscrt): how the manifest names it, its public key and a CSR."""
+
+    key_reference: str
+    public_key_der: bytes
+    csr_pem: str
+
+
+def prepared(key: DeviceKey, common_name: str) -> PreparedKey:
+    return PreparedKey(key.key_reference, key.public_key_der(), key.csr_pem(common_name))

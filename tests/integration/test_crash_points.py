@@ -88,7 +88,9 @@ POINTS = [
     _csr("mid-write:manifest.json", "manifest.json half-written in staging", issued=True),
     _csr("before-verify", "staging complete, journal 'registered', before the new identity connects", issued=True),
     _csr("before-commit", "the new identity connected from staging, not yet renamed to generations/<n>", issued=True),
-    _csr("after-commit", "generations/1 and current published, the journal ('registered') not yet removed", issued=True),
+    _csr(
+        "after-commit", "generations/1 and current published, the journal ('registered') not yet removed", issued=True
+    ),
     # Beyond the brief's list: the last write of a run, after provisioning succeeded (the rerun only verifies).
     Point(
         "mid-write:last-run.json",

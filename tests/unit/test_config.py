@@ -16,12 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetprov.config import (
+    _KEYS,
     DEFAULT_STATE_DIR,
     FACT_NAMES,
     KEY_TYPES,
     METHODS,
     ClaimConfig,
     Config,
+    KeysConfig,
     ParametersConfig,
     ProvisioningConfig,
     ProxyConfig,
@@ -30,6 +32,8 @@ from fleetprov.config import (
     render_config,
 )
 from fleetprov.errors import ConfigError
+from fleetprov.keys.pkcs11_settings import Pkcs11Settings
+from fleetprov.keys.pkcs11_uri import Pkcs11Uri
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "config.example.yaml"
 
@@ -166,13 +170,9 @@ def test_example_file_loads() -> None:
 
 def test_example_file_documents_every_key() -> None:
     text = EXAMPLE.read_text()
-    keys = [
-        "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "host",
-        "username", "password", "claim", "certificate", "private_key", "client_id", "provisioning", "template",
-        "method", "key_type", "parameters", "static", "from_env", "facts", "command", "command_timeout", "device",
-        "state_dir", "log_level",
-    ]  # fmt: skip
-    for key in keys:
+    keys = sorted({key for section in _KEYS.values() for key in section} | set(_KEYS))
+    assert len(keys) > 40
+    for key in (key.rpartition(".")[2] for key in keys if key):
         assert re.search(rf"^\s*#?\s*{key}:", text, re.MULTILINE), key
     for value in (*KEY_TYPES, *METHODS, *FACT_NAMES):
         assert value in text
@@ -626,7 +626,7 @@ def test_render_redacts_the_password_and_keeps_the_layout(tmp_path: Path) -> Non
     assert rendered["proxy"] == {"host": "proxy.example", "port": 3128, "username": "device", "password": "<redacted>"}
     assert set(rendered) == {
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
-        "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout",
+        "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout", "keys",
     }  # fmt: skip
     assert rendered["retry"] == {
         "initial_delay": 1.0,
@@ -790,3 +790,83 @@ def test_retry_from_file_and_environment(tmp_path: Path) -> None:
         minimal(tmp_path, "retry:\n  initial_delay: 0.5\n  budget: 30\n"), {"FLEETPROV_RETRY__MAX_ATTEMPTS": "3"}
     )
     assert config.retry == RetryConfig(initial_delay=0.5, max_delay=60.0, budget=30.0, max_attempts=3)
+
+
+# --- keys: a file, or a PKCS#11 token -----------------------------------------------------------
+
+
+TOKEN_YAML = """\
+keys:
+  backend: pkcs11
+  pkcs11:
+    library: lib/libsofthsm2.so
+    token_label: fleetprov
+    key_id: 0a1B
+    pin_file: pin
+"""
+
+
+def test_keys_default_to_a_file(tmp_path: Path) -> None:
+    assert load(minimal(tmp_path)).keys == KeysConfig("file", None)
+
+
+def test_keys_in_a_token(tmp_path: Path) -> None:
+    keys = load(minimal(tmp_path, TOKEN_YAML)).keys
+    assert keys == KeysConfig(
+        "pkcs11",
+        Pkcs11Settings(
+            library=tmp_path / "lib" / "libsofthsm2.so",
+            token_label="fleetprov",
+            key_label="fleetprov-device",
+            key_id=bytes.fromhex("0a1b"),
+            pin_file=tmp_path / "pin",
+        ),
+    )
+    rendered = yaml.safe_load(render_config(load(minimal(tmp_path, TOKEN_YAML))))
+    assert rendered["keys"]["pkcs11"]["key_id"] == "0a1b"
+    assert load(write(tmp_path / "again", render_config(load(minimal(tmp_path, TOKEN_YAML))))).keys == keys
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"pin": "1234"}, r"keys\.pkcs11\.pin: a PIN in the config file is refused: use pin_file"),
+        ({"key_id": "xyz"}, r"keys\.pkcs11\.key_id: expected hexadecimal digits"),
+        ({"pin_env": "PIN"}, r"keys\.pkcs11: set exactly one of pin_file, pin_env and pin_credential"),
+        ({"slot": 0}, r"keys\.pkcs11: set exactly one of token_label and slot"),
+        ({"library": None}, r"keys\.pkcs11\.library: missing"),
+        ({"colour": "red"}, r"keys\.pkcs11\.colour: unknown key"),
+    ],
+)
+def test_token_settings_errors(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    settings = yaml.safe_load(TOKEN_YAML)
+    settings["keys"]["pkcs11"].update(change)
+    settings["keys"]["pkcs11"] = {k: v for k, v in settings["keys"]["pkcs11"].items() if v is not None}
+    path = minimal(tmp_path, yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match=rf"^config: {re.escape(str(path))}: {message}") as caught:
+        load(path)
+    assert "1234" not in str(caught.value)
+
+
+def test_pkcs11_backend_needs_the_token_and_csr(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r": keys\.pkcs11: missing: the token"):
+        load(minimal(tmp_path / "a", "keys: {backend: pkcs11}\n"))
+    path = write(
+        tmp_path / "b", MINIMAL_YAML.replace("{template: T}", "{template: T, method: create-keys}") + TOKEN_YAML
+    )
+    with pytest.raises(ConfigError, match=r": provisioning\.method: create-keys cannot keep its key in a PKCS#11"):
+        load(path)
+
+
+def test_claim_key_in_a_token(tmp_path: Path) -> None:
+    uri = "pkcs11:token=fleetprov;object=claim%20key;type=private"
+    text = MINIMAL_YAML.replace("private_key: /claim.key", f"private_key: '{uri}'")
+    config = load(write(tmp_path, text + TOKEN_YAML.replace("backend: pkcs11", "backend: file")))
+    assert config.claim.private_key is None
+    assert config.claim.private_key_uri == Pkcs11Uri("fleetprov", "claim key")
+    assert yaml.safe_load(render_config(config))["claim"]["private_key"] == uri
+    with pytest.raises(ConfigError, match=r": keys\.pkcs11: missing: the PKCS#11 library and PIN"):
+        load(write(tmp_path / "no-token", text))
+    bad = MINIMAL_YAML.replace("private_key: /claim.key", "private_key: 'pkcs11:token=t;id=%01?pin-value=1'")
+    with pytest.raises(ConfigError, match=r": claim\.private_key: not a usable PKCS#11 URI"):
+        load(write(tmp_path / "bad", bad + TOKEN_YAML))

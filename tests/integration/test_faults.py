@@ -51,6 +51,18 @@ def _device_certificates(emulator: Emulator) -> list[dict[str, Any]]:
     return [c for c in emulator.admin("certificates") if c["kind"] == "device"]
 
 
+def _restart_and_resume(
+    restart: Callable[[Emulator], Emulator], emulator: Emulator, config: Path, resumed: str
+) -> tuple[Emulator, subprocess.CompletedProcess[str]]:
+    """The emulator back (on a new port), and the device's rerun, which resumes the interrupted run."""
+    emulator = restart(emulator)
+    _point_at(config, emulator)
+    again = fleetprov("--once", "--config", str(config))
+    assert again.returncode == 0, again.stderr
+    assert resumed in again.stderr
+    return emulator, again
+
+
 def _journal(state: Path) -> dict[str, Any]:
     document: dict[str, Any] = json.loads((state / "journal.json").read_text())
     return document
@@ -146,11 +158,7 @@ def test_close_at_the_first_request_never_succeeds_then_resumes(
     key = (state / journal["staging"] / "private.key").read_bytes()
     assert not (state / "current").exists()
 
-    emulator = restart(emulator)
-    _point_at(config, emulator)
-    again = fleetprov("--once", "--config", str(config))
-    assert again.returncode == 0, again.stderr
-    assert RESUMED_KEY_READY in again.stderr
+    emulator, again = _restart_and_resume(restart, emulator, config, RESUMED_KEY_READY)
     assert "retrying in" not in again.stderr
     _one_identity(emulator, state, "fleetprov-close0")
     assert (state / "current" / "private.key").read_bytes() == key
@@ -210,11 +218,7 @@ def test_close_at_register_thing_on_the_last_attempt_keeps_the_certificate(
     [issued] = _device_certificates(emulator)
     assert issued["certificateId"] == journal["certificate_id"] and issued["status"] == "PENDING_ACTIVATION"
 
-    emulator = restart(emulator)
-    _point_at(config, emulator)
-    again = fleetprov("--once", "--config", str(config))
-    assert again.returncode == 0, again.stderr
-    assert RESUMED_ISSUED in again.stderr
+    emulator, again = _restart_and_resume(restart, emulator, config, RESUMED_ISSUED)
     assert "create-certificate" not in again.stderr
     manifest = _one_identity(emulator, state, "fleetprov-close1-last")
     assert manifest["certificate_id"] == journal["certificate_id"]
@@ -248,11 +252,7 @@ def test_replies_delayed_beyond_the_timeout(emulator_with: Any, restart: Any, tm
     assert len(orphans) == 3
     assert all(c["status"] == "PENDING_ACTIVATION" and c["things"] == [] for c in orphans)
 
-    emulator = restart(emulator)
-    _point_at(config, emulator)
-    again = fleetprov("--once", "--config", str(config))
-    assert again.returncode == 0, again.stderr
-    assert RESUMED_KEY_READY in again.stderr
+    emulator, _ = _restart_and_resume(restart, emulator, config, RESUMED_KEY_READY)
     manifest = _one_identity(emulator, state, "fleetprov-slow")
     assert (state / "current" / "private.key").read_bytes() == key
     certificates = _device_certificates(emulator)

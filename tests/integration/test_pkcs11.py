@@ -152,14 +152,22 @@ def test_provision_and_reconnect_through_the_token(
     assert json.loads(status.stdout)["key_reference"] == manifest["key_reference"]
 
 
-def test_mqtt5_through_the_token(mqtt5_broker: Mqtt5Broker, token: SoftToken, tmp_path: Path) -> None:  # noqa: F811
-    config = _config(mqtt5_broker.emulator, tmp_path / "device", token, "--protocol", "5", "--serial", "hsm-mqtt5")
+@pytest.mark.parametrize("key_type", ["ec-p256", "rsa-2048"])
+def test_mqtt5_through_the_token(
+    mqtt5_broker: Mqtt5Broker,  # noqa: F811
+    token: SoftToken,
+    tmp_path: Path,
+    key_type: str,
+) -> None:
+    serial = f"hsm-mqtt5-{key_type}"
+    config = _config(mqtt5_broker.emulator, tmp_path / "device", token, "--protocol", "5", "--serial", serial)
     edit_config(config, port=mqtt5_broker.port)
+    _edit(config, lambda s: s["provisioning"].update(key_type=key_type))
     result = _run(token, "--once", "--config", str(config))
     assert result.returncode == 0, f"{result.stderr}\n{mqtt5_broker.logs()}"
     _check_token_identity(token, tmp_path / "device" / "state")
     log = mqtt5_broker.mosquitto.log()
-    assert " as fleetprov-hsm-mqtt5 (p5, c1, " in log, log  # the verify connection: MQTT 5, the token's key
+    assert f" as fleetprov-{serial} (p5, c1, " in log, log  # the verify connection: MQTT 5, the token's key
 
 
 def test_a_factory_made_key_is_used(emulator: Emulator, token: SoftToken, tmp_path: Path) -> None:

@@ -33,7 +33,9 @@ class Outcome:
     abandoned: tuple[str, ...] = ()  # certificates issued to this device and given up on
 
 
-async def once(config: Config, environ: Optional[Mapping[str, str]] = None) -> Outcome:
+async def once(config: Config, environ: Optional[Mapping[str, str]] = None, *, verify_existing: bool = True) -> Outcome:
+    """Provision if needed (or finish an interrupted run); an existing identity is verified by connecting with
+    it unless ``verify_existing`` is False (the daemon's own connection is that proof)."""
     await wait_for_plausible_clock(config.clock_sync_timeout)
     store = Store(config.state_dir)
     store.ensure()
@@ -46,7 +48,8 @@ async def once(config: Config, environ: Optional[Mapping[str, str]] = None) -> O
         environ = os.environ if environ is None else environ
         if current is not None and journal is None:
             log.info("already provisioned as %s (generation %s)", current.manifest.thing_name, current.number)
-            await verify(config, current, device_client_id(config, current.manifest.thing_name), environ)
+            if verify_existing:
+                await verify(config, current, device_client_id(config, current.manifest.thing_name), environ)
             return Outcome(current, provisioned=False)
         result = await provision(config, store, environ, journal)
         return Outcome(result.generation, provisioned=True, abandoned=result.abandoned)

@@ -400,7 +400,7 @@ async def _registered(
             raise
 
     try:
-        await retrying(config.retry, attempt)
+        await retrying(config.retry, attempt, progress=lambda: progress.journal.stage)
     finally:
         await connection.close()
 

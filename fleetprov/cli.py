@@ -1,5 +1,6 @@
 """Command line: parse arguments, run a sub-command, turn errors into exit codes (see README "Exit codes").
 
+fleetprov [run] [--config PATH]         the daemon: provision if needed, then stay connected (fleetprov.service)
 fleetprov --once [--config PATH]        provision if needed, verify by connecting, exit
 fleetprov status [--json]               what this device's identity is, and how the last run ended
 fleetprov check-config                  the effective configuration, secrets redacted
@@ -39,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     # given before the command.
     config_option = argparse.ArgumentParser(add_help=False)
     config_option.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="configuration file")
+
+    run = commands.add_parser(
+        "run",
+        parents=[config_option],
+        help="the daemon: provision if needed, then stay connected; SIGHUP reloads, SIGTERM stops (the default)",
+    )
+    run.set_defaults(handler=_run)
 
     status = commands.add_parser(
         "status", parents=[config_option], help="show this device's identity and the last run's outcome"
@@ -100,6 +108,16 @@ def _load_config(args: argparse.Namespace) -> Any:
     if not args.verbose:
         logging.getLogger().setLevel(config.log_level.upper())
     return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from fleetprov.daemon import run
+
+    _load_config(args)  # a bad configuration fails at once, before anything starts
+    result: int = asyncio.run(run(lambda: _load_config(args), os.environ))
+    return result
 
 
 def _once(args: argparse.Namespace) -> int:
@@ -178,9 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command is not None:
         handler = args.handler
     else:
-        parser.print_usage(sys.stderr)
-        print("fleetprov: error: give --once or a command (the long-running daemon is not built yet)", file=sys.stderr)
-        return EX_USAGE
+        handler = _run
     try:
         result: int = handler(args)
         return result

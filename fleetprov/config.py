@@ -42,6 +42,7 @@ __all__ = [
     "METHODS",
     "ClaimConfig",
     "Config",
+    "DaemonConfig",
     "KeysConfig",
     "ParametersConfig",
     "ProvisioningConfig",
@@ -122,6 +123,14 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    """`fleetprov run`: how the permanent connection is held."""
+
+    reconnect_initial_delay: float = 1.0  # seconds; reconnect delays grow exponentially with full jitter
+    reconnect_max_delay: float = 120.0  # cap of one reconnect delay
+
+
+@dataclass(frozen=True)
 class Config:
     source: Optional[Path]  # the YAML file it came from
     endpoint: str  # host name of the AWS IoT data endpoint
@@ -138,6 +147,7 @@ class Config:
     log_level: str = "info"  # one of LOG_LEVELS
     retry: RetryConfig = RetryConfig()
     keys: KeysConfig = KeysConfig()
+    daemon: DaemonConfig = DaemonConfig()
     clock_sync_timeout: float = 300.0  # seconds to wait for an implausible (pre-release) clock to be synchronised
 
 
@@ -145,8 +155,9 @@ class Config:
 _KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
-        "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout", "keys",
+        "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout", "keys", "daemon",
     ),
+    "daemon": ("reconnect_initial_delay", "reconnect_max_delay"),
     "keys": ("backend", "pkcs11"),
     "keys.pkcs11": (
         "library", "token_label", "slot", "key_label", "key_id", "pin_file", "pin_env", "pin_credential",
@@ -232,6 +243,10 @@ def render_config(config: Config) -> str:
         "log_level": config.log_level,
         "clock_sync_timeout": config.clock_sync_timeout,
         "keys": _render_keys(config.keys),
+        "daemon": {
+            "reconnect_initial_delay": config.daemon.reconnect_initial_delay,
+            "reconnect_max_delay": config.daemon.reconnect_max_delay,
+        },
         "retry": {
             "initial_delay": config.retry.initial_delay,
             "max_delay": config.retry.max_delay,
@@ -383,6 +398,7 @@ def _parse_keys(top: YamlReader, source: Path, base: Path, default_state_dir: Pa
         log_level=_log_level(top),
         retry=_retry(top.child("retry")),
         keys=_keys(top.child("keys"), base),
+        daemon=_daemon(top.child("daemon")),
         clock_sync_timeout=_clock_sync_timeout(top),
     )
 
@@ -411,6 +427,19 @@ def _retry(section: Optional[YamlReader]) -> RetryConfig:
     if retry.max_delay < retry.initial_delay:
         raise section.error("max_delay", "must not be smaller than retry.initial_delay")
     return retry
+
+
+def _daemon(section: Optional[YamlReader]) -> DaemonConfig:
+    if section is None:
+        return DaemonConfig()
+    section.check_keys(_KEYS["daemon"])
+    daemon = DaemonConfig(
+        reconnect_initial_delay=_seconds(section, "reconnect_initial_delay", DaemonConfig.reconnect_initial_delay),
+        reconnect_max_delay=_seconds(section, "reconnect_max_delay", DaemonConfig.reconnect_max_delay),
+    )
+    if daemon.reconnect_max_delay < daemon.reconnect_initial_delay:
+        raise section.error("reconnect_max_delay", "must not be smaller than daemon.reconnect_initial_delay")
+    return daemon
 
 
 def _required_section(top: YamlReader, key: str, what: str) -> YamlReader:

@@ -8,12 +8,12 @@ out, ``RetriesExhausted`` (exit 75, "try again later") carries the last error.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Awaitable
 from typing import Callable, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception, stop_after_attempt
-from tenacity.wait import wait_random_exponential
 
 from fleetprov.config import RetryConfig
 from fleetprov.errors import EX_TEMPFAIL, BadServiceData, FleetprovError
@@ -32,15 +32,28 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, FleetprovError) and exc.transient
 
 
-async def retrying(policy: RetryConfig, attempt: Callable[[], Awaitable[T]]) -> T:
-    """Run ``attempt`` until it succeeds, fails permanently, or the policy's attempts or budget run out."""
+async def retrying(
+    policy: RetryConfig, attempt: Callable[[], Awaitable[T]], progress: Callable[[], object] = lambda: None
+) -> T:
+    """Run ``attempt`` until it succeeds, fails permanently, or the policy's attempts or budget run out.
+
+    ``progress`` tells how far the attempts got (e.g. the journal's stage): when it changes, the backoff starts
+    again from ``initial_delay``. A device throttled at CreateCertificateFromCsr that then gets its certificate
+    should not wait the long delays it earned there before its first RegisterThing: under a throttle that is
+    what leaves the service idle at the end of a herd.
+    """
     started = time.monotonic()
-    jitter = wait_random_exponential(multiplier=policy.initial_delay, max=policy.max_delay)
+    last_progress, since = progress(), 0  # the attempt number at which the progress last changed
 
     def delay(state: RetryCallState) -> float:
+        nonlocal last_progress, since
         if policy.strategy == "fixed":  # what simpler agents do; kept for comparison (benchmarks/herd.py)
             return policy.initial_delay
-        return float(jitter(state))
+        now = progress()
+        if now != last_progress:
+            last_progress, since = now, state.attempt_number - 1
+        exponent = state.attempt_number - since - 1
+        return random.uniform(0, min(policy.max_delay, policy.initial_delay * 2**exponent))  # noqa: S311 -- jitter
 
     def wait(state: RetryCallState) -> float:
         # Never sleep past the budget: the last attempt starts before it ends, not after.

@@ -186,9 +186,26 @@ async def _await(future: concurrent.futures.Future[Any], timeout: float, what: s
         raise EndpointUnavailable(f"{what}: no answer within {timeout:g} s", step="connect") from None
 
 
+class _LostSignal:
+    """Set, from awscrt's thread, when an established connection goes away: the daemon reconnects itself (with
+    jitter), so awscrt's own reconnect is cut short by closing the session."""
+
+    def __init__(self) -> None:
+        self.future: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+    def set(self, why: str) -> None:
+        if not self.future.done():
+            self.future.set_result(why)
+
+    async def wait(self) -> str:
+        """Why the connection was lost, once it is."""
+        return await asyncio.shield(asyncio.wrap_future(self.future))
+
+
 class _Mqtt3Session:
     def __init__(self, endpoint: Endpoint, identity: Identity, client_id: str) -> None:
         self.client_id = client_id
+        self.lost = _LostSignal()
         build = (
             mqtt_connection_builder.mtls_with_pkcs11 if identity.token_key else mqtt_connection_builder.mtls_from_path
         )
@@ -198,7 +215,11 @@ class _Mqtt3Session:
             **_builder_options(endpoint, identity, client_id),
             clean_session=True,
             keep_alive_secs=endpoint.keep_alive,
+            on_connection_interrupted=self._on_interrupted,
         )
+
+    def _on_interrupted(self, connection: mqtt.Connection, error: BaseException, **kwargs: Any) -> None:
+        self.lost.set(getattr(error, "name", "") or str(error) or type(error).__name__)
 
     async def open(self, endpoint: Endpoint) -> None:
         try:
@@ -223,6 +244,7 @@ class _Mqtt5Session:
         self.client_id = client_id
         self._connected: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.lost = _LostSignal()
         build = mqtt5_client_builder.mtls_with_pkcs11 if identity.token_key else mqtt5_client_builder.mtls_from_path
         self.client = _built(
             build,
@@ -233,7 +255,12 @@ class _Mqtt5Session:
             on_lifecycle_connection_success=self._on_success,
             on_lifecycle_connection_failure=self._on_failure,
             on_lifecycle_stopped=self._on_stopped,
+            on_lifecycle_disconnection=self._on_disconnection,
         )
+
+    def _on_disconnection(self, data: mqtt5.LifecycleDisconnectData) -> None:
+        error = data.exception
+        self.lost.set(getattr(error, "name", "") or str(error or "") or "disconnected")
 
     # Lifecycle callbacks run on awscrt's threads; concurrent futures carry the outcome to asyncio.
     def _on_success(self, data: mqtt5.LifecycleConnectSuccessData) -> None:

@@ -60,7 +60,7 @@ def test_admin_on_a_directory_without_registry(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        ([], 64, "give --once or a command"),
+        ([], 78, "/etc/fleetprov/config.yaml"),  # no command: the daemon, with the default configuration
         (["emulator"], 2, "required"),
         (["emulator", "serve", "--state-dir", "{tmp}/s", "--template", "x=/nonexistent.json"], 78, "cannot read"),
         (["emulator", "serve", "--state-dir", "{tmp}/s", "--template", "broken"], 78, "expected NAME=VALUE"),

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+import fleetprov.retry
 from fleetprov.config import RetryConfig
 from fleetprov.errors import BadServiceData, EndpointUnavailable, Refused
 from fleetprov.retry import RetriesExhausted, retrying
@@ -64,3 +65,29 @@ def test_fixed_strategy_waits_the_same_delay(caplog: pytest.LogCaptureFixture) -
         "0.1",
         "0.1",
     ]
+
+
+def test_progress_restarts_the_backoff(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Throttled at the first request five times, then it succeeds (the progress changes) and the second request
+    is throttled: its delays start again from initial_delay instead of doubling on."""
+    monkeypatch.setattr(fleetprov.retry.random, "uniform", lambda low, high: high)  # each delay = its window's cap
+    policy = RetryConfig(initial_delay=0.01, max_delay=10, budget=30, max_attempts=10)
+    caplog.set_level("WARNING")
+    down = EndpointUnavailable("throttled")
+    outcomes: list[BaseException | str] = [down] * 6 + ["ok"]
+    stages = ["key-ready"] * 5 + ["issued"] * 3  # stages[i]: the progress once i attempts were made
+    calls = 0
+
+    async def attempt() -> str:
+        nonlocal calls
+        outcome = outcomes[calls]
+        calls += 1
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    assert asyncio.run(retrying(policy, attempt, progress=lambda: stages[calls])) == "ok"
+    delays = [line.split("retrying in ")[1].split()[0] for line in caplog.messages if "retrying in" in line]
+    # 0.01, 0.02, 0.04, 0.08 (logged with one decimal); the 5th attempt made progress: 0.01, 0.02 again, where
+    # without the restart they would be 0.16 and 0.32.
+    assert delays == ["0.0", "0.0", "0.0", "0.1", "0.0", "0.0"]

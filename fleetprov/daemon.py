@@ -1,0 +1,179 @@
+"""`fleetprov run`: the long-running agent (fleetprov.service).
+
+    provision if needed (as --once does) -> connect with the permanent identity -> READY=1 -> hold it
+    -> lost? reconnect after a jittered, growing delay -> ... until SIGTERM (STOPPING=1, exit 0)
+
+SIGHUP re-reads the configuration (a bad file is logged and the old configuration kept) and reconnects with
+the new one. sd_notify tells systemd what is going on: READY=1 once connected with the permanent identity,
+STATUS= the current step in words, WATCHDOG=1 while the event loop is alive. A transient failure (the
+endpoint down, throttling) is waited out here instead of exiting; a permanent one (refused, bad
+configuration) exits with its code, and fleetprov.service's RestartPreventExitStatus keeps it down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from collections.abc import Awaitable, Mapping
+from typing import Callable, Optional, TypeVar
+
+from fleetprov.agent import once, record_last_run
+from fleetprov.claim import device_client_id, device_identity, endpoint_of
+from fleetprov.config import Config
+from fleetprov.errors import EX_OK, FleetprovError
+from fleetprov.sdnotify import Notifier, watchdog_loop
+from fleetprov.session import connect
+from fleetprov.store import Generation
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SHUTDOWN_TIMEOUT = 1.0  # seconds for closing the connection on SIGTERM: systemd gets its answer within 2 s
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: leave whatever is going on."""
+
+
+class Daemon:
+    def __init__(self, load: Callable[[], Config], environ: Mapping[str, str]) -> None:
+        self._load = load
+        self._environ = environ
+        self._notifier = Notifier.from_environ(environ)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._failures = 0  # connection attempts that failed in a row (for the backoff)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        watchdog = asyncio.create_task(watchdog_loop(self._notifier, lambda: True))
+        config = self._load()
+        try:
+            while True:
+                generation = await self._until_stopped(self._identity(config))
+                await self._hold(config, generation)
+                config = self._reloaded(config)
+        except Stopped:
+            log.info("stopping")
+            return EX_OK
+        finally:
+            self._notifier.stopping()
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            self._notifier.close()
+
+    async def _identity(self, config: Config) -> Generation:
+        """The permanent identity: provisioned now, or the one there is; transient failures are waited out."""
+        while True:
+            self._notifier.status("provisioning: getting this device's identity")
+            try:
+                outcome = await once(config, self._environ, verify_existing=False)
+            except FleetprovError as exc:
+                record_last_run(config.state_dir, exc.exit_code, exc)
+                if not exc.transient:
+                    raise
+                await self._pause(config, f"provisioning failed ({exc}); trying again")
+                continue
+            if outcome.provisioned:
+                record_last_run(config.state_dir, EX_OK, None, outcome.abandoned)
+            return outcome.generation
+
+    async def _hold(self, config: Config, generation: Generation) -> None:
+        """Stay connected with ``generation`` until SIGHUP (returns) or SIGTERM (Stopped)."""
+        thing = generation.manifest.thing_name
+        client_id = device_client_id(config, thing)
+        key_file = generation.private_key or generation.path / "private.key"
+        identity = device_identity(
+            config, generation.certificate, generation.manifest.key_reference, key_file, self._environ
+        )
+        while not self._reload.is_set():
+            self._notifier.status(f"connecting to {config.endpoint}:{config.port} as {client_id}")
+            try:
+                session = await self._until_stopped(connect(endpoint_of(config), identity, client_id))
+            except FleetprovError as exc:
+                if not exc.transient:
+                    raise
+                await self._pause(config, f"cannot connect ({exc.message})")
+                continue
+            self._failures = 0
+            log.info("connected to %s:%s as %s (thing %s)", config.endpoint, config.port, client_id, thing)
+            # One datagram: systemd sees the service ready and why at the same moment.
+            self._notifier.send(
+                "READY=1", f"STATUS=connected as {client_id} (thing {thing}, generation {generation.number})"
+            )
+            try:
+                why = await self._until_stopped(self._until_reload(session.lost.wait()))
+            except Stopped:
+                await session.close(SHUTDOWN_TIMEOUT)
+                raise
+            await session.close(min(config.operation_timeout, 5.0))
+            if why is not None:
+                log.warning("connection lost: %s", why)
+                await self._pause(config, f"connection lost ({why})")
+
+    async def _pause(self, config: Config, what: str) -> None:
+        """Wait a full-jitter exponential delay before the next attempt (cut short by SIGHUP)."""
+        self._failures += 1
+        cap = min(config.daemon.reconnect_max_delay, config.daemon.reconnect_initial_delay * 2 ** (self._failures - 1))
+        delay = random.uniform(0, cap)  # noqa: S311 -- jitter, not cryptography
+        log.warning("%s: next attempt in %.1f s", what, delay)
+        self._notifier.status(f"{what}: next attempt in {delay:.0f} s")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await self._until_stopped(asyncio.wait_for(self._reload.wait(), delay))
+
+    def _reloaded(self, config: Config) -> Config:
+        self._reload.clear()
+        self._notifier.reloading()
+        try:
+            fresh = self._load()
+        except FleetprovError as exc:
+            log.error("reload: keeping the configuration in use: %s", exc)
+            return config
+        logging.getLogger().setLevel(fresh.log_level.upper())
+        log.info("reload: configuration re-read")
+        return fresh
+
+    async def _until_reload(self, waiting: Awaitable[T]) -> Optional[T]:
+        """``waiting``'s result, or None if SIGHUP comes first."""
+        return await _first(waiting, self._reload)
+
+    async def _until_stopped(self, waiting: Awaitable[T]) -> T:
+        """``waiting``'s result; Stopped (``waiting`` cancelled) if SIGTERM comes first."""
+        if self._stop.is_set():
+            _discard(waiting)
+            raise Stopped
+        result = await _first(waiting, self._stop)
+        if self._stop.is_set():
+            raise Stopped
+        return result  # type: ignore[return-value]  # None only when the stop event won
+
+
+async def _first(waiting: Awaitable[T], event: asyncio.Event) -> Optional[T]:
+    task = asyncio.ensure_future(waiting)
+    signalled = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({task, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    # Bounded: a step being cancelled closes its connection; SIGTERM must still be answered within 2 s.
+    await asyncio.wait({task}, timeout=SHUTDOWN_TIMEOUT)
+    return None
+
+
+def _discard(waiting: Awaitable[object]) -> None:
+    if asyncio.iscoroutine(waiting):
+        waiting.close()
+
+
+async def run(load: Callable[[], Config], environ: Mapping[str, str]) -> int:
+    return await Daemon(load, environ).run()

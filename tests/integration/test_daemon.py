@@ -1,0 +1,167 @@
+"""`fleetprov run`, the daemon, as systemd runs it: a real process with NOTIFY_SOCKET bound to a real AF_UNIX
+datagram socket of the test, WATCHDOG_USEC set, against the emulator over mutual TLS; stopped with SIGTERM,
+reloaded with SIGHUP, its connection taken away by a second connection with the same client id (AWS IoT,
+like the emulator, closes the older of two)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support import Emulator, connect, device_config
+
+WATCHDOG_USEC = 400_000  # WATCHDOG=1 every 0.2 s
+WAIT = 60.0  # generous bound on each wait: CI machines are slow; nothing here asserts a duration
+
+
+@dataclass
+class Agent:
+    """A running `fleetprov run` and what it told systemd."""
+
+    process: subprocess.Popen[str]
+    notify: socket.socket
+    log_path: Path
+    messages: list[str] = field(default_factory=list)
+
+    def receive(self, timeout: float = 0.2) -> None:
+        self.notify.settimeout(timeout)
+        while True:
+            try:
+                self.messages.append(self.notify.recv(4096).decode())
+            except (socket.timeout, BlockingIOError):
+                return
+
+    def wait_for(self, wanted: str, *, after: int = 0) -> int:
+        """The index of the first message from ``after`` on that has the line ``wanted``."""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            self.receive()
+            for index in range(after, len(self.messages)):
+                if wanted in self.messages[index].splitlines():
+                    return index
+            assert self.process.poll() is None, f"fleetprov run exited {self.process.returncode}:\n{self.log()}"
+        raise AssertionError(f"no {wanted!r} within {WAIT} s: {self.messages}\n{self.log()}")
+
+    def wait_for_log(self, text: str, count: int = 1) -> None:
+        deadline = time.monotonic() + WAIT
+        while self.log().count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} not logged {count} times:\n{self.log()}"
+            assert self.process.poll() is None, f"fleetprov run exited {self.process.returncode}:\n{self.log()}"
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=WAIT)
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[object]:
+    started: list[Agent] = []
+
+    def start(config: Path) -> Agent:
+        address = str(tmp_path / f"notify-{len(started)}")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(address)
+        log_path = tmp_path / f"agent-{len(started)}.log"
+        env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        env.pop("WATCHDOG_PID", None)
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fleetprov", "run", "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+            )
+        agent = Agent(process, notify, log_path)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait()
+        agent.notify.close()
+
+
+def _thing_identity(state: Path) -> tuple[Path, Path]:
+    generation = (state / "current").resolve()
+    return generation / "certificate.pem", generation / "private.key"
+
+
+def test_ready_only_once_connected_then_watchdog_and_clean_stop(
+    emulator: Emulator, start_agent: object, tmp_path: Path
+) -> None:
+    config = device_config(emulator, tmp_path / "device", "--serial", "daemon-ready")
+    agent = start_agent(config)  # type: ignore[operator]
+    ready = agent.wait_for("READY=1")
+    before = agent.messages[:ready]
+    # STATUS told the steps in words before READY; READY came after the permanent identity connected.
+    statuses = [line for message in before for line in message.splitlines() if line.startswith("STATUS=")]
+    assert any("provisioning" in status for status in statuses), statuses
+    assert any("connecting to" in status for status in statuses), statuses
+    assert (tmp_path / "device" / "state" / "current").is_symlink()
+    assert "client 'fleetprov-daemon-ready' connected: device certificate" in emulator.log()
+    assert any(
+        line.startswith("STATUS=connected as fleetprov-daemon-ready") for line in agent.messages[ready].splitlines()
+    )
+    # WATCHDOG=1 keeps coming while it runs (every 0.2 s; counted loosely, no timing is asserted).
+    first = agent.wait_for("WATCHDOG=1", after=ready)
+    agent.wait_for("WATCHDOG=1", after=first + 1)
+    assert agent.stop() == 0, agent.log()
+    agent.receive()
+    assert "STOPPING=1" in agent.messages[-1].splitlines(), agent.messages[-3:]
+    assert "Traceback" not in agent.log()
+
+
+def test_reconnects_when_the_connection_is_taken_away(emulator: Emulator, start_agent: object, tmp_path: Path) -> None:
+    config = device_config(emulator, tmp_path / "device", "--serial", "daemon-lost")
+    settings = yaml.safe_load(config.read_text())
+    settings["daemon"] = {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 1}
+    config.write_text(yaml.safe_dump(settings))
+    agent = start_agent(config)  # type: ignore[operator]
+    ready = agent.wait_for("READY=1")
+    certificate, key = _thing_identity(tmp_path / "device" / "state")
+    intruder = connect(emulator, certificate, key, "fleetprov-daemon-lost")  # closes the daemon's connection
+    try:
+        agent.wait_for_log("connection lost")
+        agent.wait_for("READY=1", after=ready + 1)  # connected again (which in turn closes the intruder)
+    finally:
+        intruder.disconnect()
+    agent.wait_for_log("connected to localhost", count=2)
+    assert agent.stop() == 0, agent.log()
+
+
+def test_sighup_reloads_the_configuration(emulator: Emulator, start_agent: object, tmp_path: Path) -> None:
+    config = device_config(emulator, tmp_path / "device", "--serial", "daemon-reload")
+    agent = start_agent(config)  # type: ignore[operator]
+    ready = agent.wait_for("READY=1")
+    good = config.read_text()
+    config.write_text(good + "unknown_key: 1\n")  # a broken file: the running configuration stays
+    agent.process.send_signal(signal.SIGHUP)
+    reloading = agent.wait_for("RELOADING=1", after=ready)
+    agent.wait_for_log("reload: keeping the configuration in use")
+    agent.wait_for("READY=1", after=reloading)
+    settings = yaml.safe_load(good)
+    settings["device"] = {"client_id": "fleetprov-daemon-reload"}  # explicit now; same policy-allowed id
+    settings["log_level"] = "debug"
+    config.write_text(yaml.safe_dump(settings))
+    agent.process.send_signal(signal.SIGHUP)
+    agent.wait_for_log("reload: configuration re-read")
+    agent.wait_for_log("connected to localhost", count=3)
+    assert agent.stop() == 0, agent.log()
+    assert "Traceback" not in agent.log()

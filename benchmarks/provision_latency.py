@@ -1,4 +1,4 @@
-"""Wall time and peak RSS of `fleetprov --once` versus a minimal awsiotsdk script doing the same exchanges.
+"""Wall time and peak RSS of `fleetprov --once` (file or PKCS#11 key) vs a minimal awsiotsdk script, same exchanges.
 
 What it does:
 
@@ -6,26 +6,37 @@ What it does:
    state directory; stopped at the end in every case);
 2. for every run, writes a FRESH device config with ``fleetprov emulator device-config`` (a new
    ``--serial`` and a new, empty device state directory), so every run really provisions a new thing;
+   for (c), first a fresh SoftHSM2 token of the run's own (``<run>/softhsm2.conf``, ``<run>/tokens``,
+   ``softhsm2-util --init-token --free --label fleetprov``, the PIN in ``<run>/pin``, mode 0600), so the
+   token holds no key yet, as on a first boot; then ``device-config --key-backend pkcs11
+   --pkcs11-library /usr/lib/softhsm/libsofthsm2.so --token-label fleetprov --pin-file <run>/pin``
+   (the README's user path). Making the token and the config is preparation: it is not measured;
 3. runs, each as its own process:
 
    (a) ``python -m fleetprov --once --config <config>``: connect with the claim, key + CSR,
        CreateCertificateFromCsr, check, RegisterThing, store (fsync'd generation), reconnect as the thing;
    (b) ``python benchmarks/minimal_provision.py <config>``: the same exchanges with nothing but awsiotsdk,
        cryptography and PyYAML (no retries, no checks, plain writes): the baseline;
+   (c) "fleetprov-pkcs11": (a) with the device key in the PKCS#11 token (``SOFTHSM2_CONF`` in the child's
+       environment): the token makes the key and signs the CSR (the ``key`` step), and the verify
+       connection goes through the token (awscrt's PKCS#11 support). ``--no-pkcs11`` leaves it out;
 
    one warm-up run of each first (not counted: it fills the bytecode cache and the page cache), then
-   ``--runs`` runs of each, alternating a/b in ABBA order (a b, b a, a b, ...) so that machine noise and
-   drift spread evenly;
+   ``--runs`` runs of each, alternating in ABBA order, extended to three kinds as a c b, b c a, a c b, ...
+   (a b, b a, ... with ``--no-pkcs11``), so that machine noise and drift spread evenly: over each two
+   rounds every kind has the same mean position;
 4. measures each child like ``/usr/bin/time -v``: wall time = ``time.monotonic()`` from just before the
    fork to the return of ``os.wait4`` on the child; peak RSS = the ``ru_maxrss`` (KiB) that ``os.wait4``
    returns for that child (the child and any children it waited for; neither run starts any here); CPU
    time = its ``ru_utime + ru_stime`` (shown for information: it varies less than wall time when other
    processes compete for the cores).
 
-What it reports: median and min/max of wall time and peak RSS for (a) and (b); the ratio of the medians of
-the wall times (a / b) and the difference of the medians of the peak RSS (a - b), each against its target
-(issue 4: wall time within 1.3x, peak RSS within +10 MB = 10,000,000 bytes) as PASS or MISS; the median
-duration of each step of (a) from its step lines (``connect: ok (0.12 s)``).
+What it reports: median and min/max of wall time, peak RSS and CPU time for (a), (c) and (b); the ratio of
+the medians of the wall times (a / b) and the difference of the medians of the peak RSS (a - b), each against
+its target (issue 4: wall time within 1.3x, peak RSS within +10 MB = 10,000,000 bytes) as PASS or MISS; for
+(c), for information only (no target): the wall time ratios c / b and c / a and the peak RSS difference
+c - a; the median duration of each step of (a) and of (c) from their step lines (``connect: ok (0.12 s)``;
+in (c), ``key`` is where the token makes the key and signs the CSR).
 
 Bytecode: an installed fleetprov has its .pyc files (pip and Debian packages compile them), but a source
 checkout run with ``PYTHONDONTWRITEBYTECODE=1`` recompiles every fleetprov module in every process (~45 ms
@@ -36,13 +47,15 @@ warm-up runs: nothing is written into the source tree. ``--no-bytecode-cache`` r
 
 Bounded: each child is killed after ``--timeout`` seconds (default 60), and no run starts after
 ``--max-seconds`` (default 900). The exit status is non-zero if any run failed (its stderr tail is printed),
-``--max-seconds`` cut the runs short or the emulator did not start; a missed target alone is not a failure.
+``--max-seconds`` cut the runs short, the emulator did not start or a token could not be made (or SoftHSM2
+is not installed: ``apt-get install softhsm2``, or ``--no-pkcs11``); a missed target alone is not a failure.
 
 Run::
 
     .venv/bin/python benchmarks/provision_latency.py               # 7 runs of each
     .venv/bin/python benchmarks/provision_latency.py --runs 15 --json
     .venv/bin/python benchmarks/provision_latency.py --no-bytecode-cache   # modules compiled in every run
+    .venv/bin/python benchmarks/provision_latency.py --no-pkcs11          # (a) and (b) only
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -72,9 +86,16 @@ WALL_TARGET_RATIO = 1.3
 RSS_TARGET_BYTES = 10_000_000  # "within 10 MB"
 MIB = 1024 * 1024
 STDERR_TAIL_LINES = 25
-# fleetprov's step lines, e.g. "2025-01-01 12:00:00,000 INFO fleetprov.agent: connect: ok (0.12 s)".
-STEP_LINE = re.compile(r"fleetprov\.agent: ([a-z-]+): ok \(([0-9.]+) s\)")
-KINDS = ("fleetprov", "minimal")
+# fleetprov's step lines, e.g. "2025-01-01 12:00:00,000 INFO fleetprov.claim: connect: ok (0.12 s)" (any
+# fleetprov module; without the logger's name when $JOURNAL_STREAM is set).
+STEP_LINE = re.compile(r"INFO (?:fleetprov[\w.]*: )?([a-z-]+): ok \(([0-9.]+) s\)$", re.MULTILINE)
+PKCS11 = "fleetprov-pkcs11"
+KINDS = ("fleetprov", PKCS11, "minimal")  # (a), (c), (b): the order of the table and of a round
+# (c)'s token: SoftHSM2 (Debian package softhsm2), one token per run, as the README's walk-through makes it.
+SOFTHSM2_LIBRARY = Path("/usr/lib/softhsm/libsofthsm2.so")
+TOKEN_LABEL = "fleetprov"
+TOKEN_PIN = "1234"
+TOKEN_SO_PIN = "5678"
 
 
 # -- measuring one child process -------------------------------------------------------------------
@@ -82,7 +103,7 @@ KINDS = ("fleetprov", "minimal")
 
 @dataclass
 class Run:
-    kind: str  # "fleetprov" or "minimal"
+    kind: str  # "fleetprov", "fleetprov-pkcs11" or "minimal"
     index: int  # 0 = warm-up
     exit_code: Optional[int] = None
     wall_seconds: float = 0.0
@@ -90,7 +111,7 @@ class Run:
     cpu_seconds: float = 0.0  # user + system, from wait4 (less sensitive to other processes than wall time)
     timed_out: bool = False
     error: Optional[str] = None  # why the run counts as failed
-    steps: dict[str, float] = field(default_factory=dict)  # fleetprov's step durations (seconds)
+    steps: dict[str, float] = field(default_factory=dict)  # fleetprov's step durations (seconds), (a) and (c)
     stderr_tail: str = ""
 
     @property
@@ -131,6 +152,16 @@ def measure(
     return process.returncode, wall, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, timed_out
 
 
+def softhsm2_util() -> str:
+    """softhsm2-util's path (Debian package softhsm2), or RuntimeError."""
+    path = shutil.which("softhsm2-util")
+    if path is None or not SOFTHSM2_LIBRARY.is_file():
+        raise RuntimeError(
+            f"SoftHSM2 is not installed (softhsm2-util, {SOFTHSM2_LIBRARY}): apt-get install softhsm2, or --no-pkcs11"
+        )
+    return path
+
+
 def child_environment(pycache: Path, bytecode_cache: bool) -> dict[str, str]:
     """The children's environment: their own bytecode cache, or none at all (see the module docstring)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
@@ -150,15 +181,16 @@ class Bench:
         self.tag = f"{os.getpid()}-{int(time.time())}"
         self.env = child_environment(work / "pycache", args.bytecode_cache)
 
-    def device_config(self, name: str) -> Path:
-        """A fresh device: its own serial (thing name) and an empty state directory."""
+    def device_config(self, name: str, options: tuple[str, ...] = (), env: Optional[dict[str, str]] = None) -> Path:
+        """A fresh device: its own serial (thing name) and an empty state directory; ``options`` are more
+        ``device-config`` options (the key backend)."""
         device = self.work / name
-        device.mkdir()
+        device.mkdir(exist_ok=True)
         generated = subprocess.run(
             [sys.executable, "-m", "fleetprov", "emulator", "device-config", "--state-dir",
              str(self.emulator.state_dir), "--serial", f"bench-{self.tag}-{name}",
-             "--state-dir-for-device", str(device / "state")],
-            capture_output=True, text=True, timeout=self.args.timeout, check=False, env=self.env,
+             "--state-dir-for-device", str(device / "state"), *options],
+            capture_output=True, text=True, timeout=self.args.timeout, check=False, env=env or self.env,
         )  # fmt: skip
         if generated.returncode != 0:
             raise RuntimeError(f"fleetprov emulator device-config failed: {generated.stderr.strip()}")
@@ -166,16 +198,44 @@ class Bench:
         config.write_text(generated.stdout)
         return config
 
+    def token_device_config(self, name: str) -> tuple[Path, dict[str, str]]:
+        """(c)'s fresh device: a fresh SoftHSM2 token with no key in it (as on a first boot) and a device config
+        for it; returns the config and the environment (with ``SOFTHSM2_CONF``) to run fleetprov in."""
+        device = self.work / name
+        (device / "tokens").mkdir(parents=True)
+        conf = device / "softhsm2.conf"
+        conf.write_text(f"directories.tokendir = {device / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+        env = {**self.env, "SOFTHSM2_CONF": str(conf)}
+        initialised = subprocess.run(
+            [softhsm2_util(), "--init-token", "--free", "--label", TOKEN_LABEL, "--pin", TOKEN_PIN,
+             "--so-pin", TOKEN_SO_PIN],
+            capture_output=True, text=True, timeout=self.args.timeout, check=False, env=env,
+        )  # fmt: skip
+        if initialised.returncode != 0:
+            raise RuntimeError(
+                f"softhsm2-util --init-token failed: {(initialised.stderr or initialised.stdout).strip()}"
+            )
+        pin = device / "pin"
+        pin.touch(mode=0o600)
+        pin.write_text(TOKEN_PIN)
+        options = ("--key-backend", "pkcs11", "--pkcs11-library", str(SOFTHSM2_LIBRARY),
+                   "--token-label", TOKEN_LABEL, "--pin-file", str(pin))  # fmt: skip
+        return self.device_config(name, options, env), env
+
     def run(self, kind: str, index: int) -> Run:
         name = f"{kind}-{index}"
-        config = self.device_config(name)
-        if kind == "fleetprov":
-            command = [sys.executable, "-m", "fleetprov", "--once", "--config", str(config)]
+        env = self.env
+        if kind == PKCS11:  # preparation, not measured
+            config, env = self.token_device_config(name)
         else:
+            config = self.device_config(name)
+        if kind == "minimal":
             command = [sys.executable, str(MINIMAL_SCRIPT), str(config)]
+        else:
+            command = [sys.executable, "-m", "fleetprov", "--once", "--config", str(config)]
         stdout_path, stderr_path = config.parent / "stdout", config.parent / "stderr"
         timeout = max(1.0, min(self.args.timeout, self.deadline - time.monotonic()))
-        exit_code, wall, rss, cpu, timed_out = measure(command, timeout, stdout_path, stderr_path, self.env)
+        exit_code, wall, rss, cpu, timed_out = measure(command, timeout, stdout_path, stderr_path, env)
         result = Run(kind, index, exit_code, round(wall, 4), rss, round(cpu, 3), timed_out)
         stdout = stdout_path.read_text(errors="replace")
         if timed_out:
@@ -184,7 +244,7 @@ class Bench:
             result.error = f"exit status {exit_code}"
         elif not stdout.startswith("provisioned: thing "):  # "already provisioned" would not be a fair run
             result.error = f"unexpected output: {stdout.strip()[:200]!r}"
-        if kind == "fleetprov":
+        if kind != "minimal":
             stderr_text = stderr_path.read_text(errors="replace")
             result.steps = {step: float(seconds) for step, seconds in STEP_LINE.findall(stderr_text)}
         if not result.ok:
@@ -215,6 +275,13 @@ class Report:
     wall_target: str
     rss_target: str
     fleetprov_step_seconds_median: dict[str, float]
+    # (c), for information only (no target); None when it was not run (--no-pkcs11) or had no good run.
+    pkcs11: bool
+    pkcs11_wall_ratio_minimal: Optional[float]  # median fleetprov-pkcs11 / median minimal
+    pkcs11_wall_ratio_file: Optional[float]  # median fleetprov-pkcs11 / median fleetprov (key in a file)
+    pkcs11_rss_difference_mb: Optional[float]  # median fleetprov-pkcs11 - median fleetprov, in MB (10^6 bytes)
+    pkcs11_rss_difference_mib: Optional[float]
+    pkcs11_step_seconds_median: dict[str, float]
     failures: int
     runs: list[dict[str, Any]]
     emulator_exit_code: Optional[int] = None
@@ -228,25 +295,36 @@ def verdict(ok: Optional[bool]) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "MISS")
 
 
-def build_report(runs: list[Run], runs_per_kind: int, bytecode_cache: bool) -> Report:
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def _difference(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a - b if a is not None and b is not None else None
+
+
+def _mib_to_mb(mib: Optional[float]) -> Optional[float]:
+    return None if mib is None else mib * MIB / 1e6
+
+
+def step_medians(runs: list[Run]) -> dict[str, float]:
+    steps: dict[str, list[float]] = {}
+    for run in runs:
+        for step, seconds in run.steps.items():
+            steps.setdefault(step, []).append(seconds)
+    return {step: round(statistics.median(v), 3) for step, v in steps.items()}
+
+
+def build_report(runs: list[Run], runs_per_kind: int, bytecode_cache: bool, pkcs11: bool) -> Report:
     counted = [run for run in runs if run.index > 0 and run.ok]
     wall = {kind: summary([r.wall_seconds for r in counted if r.kind == kind]) for kind in KINDS}
     rss = {kind: summary([r.peak_rss_kib / 1024 for r in counted if r.kind == kind]) for kind in KINDS}
     cpu = {kind: summary([r.cpu_seconds for r in counted if r.kind == kind]) for kind in KINDS}
-    a_cpu, b_cpu = cpu["fleetprov"]["median"], cpu["minimal"]["median"]
-    cpu_ratio = a_cpu / b_cpu if a_cpu is not None and b_cpu else None
-    ratio = difference_mib = None
-    a_wall, b_wall = wall["fleetprov"]["median"], wall["minimal"]["median"]
-    if a_wall is not None and b_wall:
-        ratio = a_wall / b_wall
-    a_rss, b_rss = rss["fleetprov"]["median"], rss["minimal"]["median"]
-    if a_rss is not None and b_rss is not None:
-        difference_mib = a_rss - b_rss
-    difference_mb = None if difference_mib is None else difference_mib * MIB / 1e6
-    steps: dict[str, list[float]] = {}
-    for run in counted:
-        for step, seconds in run.steps.items():
-            steps.setdefault(step, []).append(seconds)
+    cpu_ratio = _ratio(cpu["fleetprov"]["median"], cpu["minimal"]["median"])
+    ratio = _ratio(wall["fleetprov"]["median"], wall["minimal"]["median"])
+    difference_mib = _difference(rss["fleetprov"]["median"], rss["minimal"]["median"])
+    difference_mb = _mib_to_mb(difference_mib)
+    pkcs11_difference_mib = _difference(rss[PKCS11]["median"], rss["fleetprov"]["median"])
     return Report(
         runs_per_kind=runs_per_kind,
         bytecode_cache=bytecode_cache,
@@ -259,7 +337,13 @@ def build_report(runs: list[Run], runs_per_kind: int, bytecode_cache: bool) -> R
         rss_difference_mib=rounded(difference_mib, 2),
         wall_target=verdict(None if ratio is None else ratio <= WALL_TARGET_RATIO),
         rss_target=verdict(None if difference_mb is None else difference_mb * 1e6 <= RSS_TARGET_BYTES),
-        fleetprov_step_seconds_median={step: round(statistics.median(v), 3) for step, v in steps.items()},
+        fleetprov_step_seconds_median=step_medians([run for run in counted if run.kind == "fleetprov"]),
+        pkcs11=pkcs11,
+        pkcs11_wall_ratio_minimal=rounded(_ratio(wall[PKCS11]["median"], wall["minimal"]["median"]), 3),
+        pkcs11_wall_ratio_file=rounded(_ratio(wall[PKCS11]["median"], wall["fleetprov"]["median"]), 3),
+        pkcs11_rss_difference_mb=rounded(_mib_to_mb(pkcs11_difference_mib), 2),
+        pkcs11_rss_difference_mib=rounded(pkcs11_difference_mib, 2),
+        pkcs11_step_seconds_median=step_medians([run for run in counted if run.kind == PKCS11]),
         failures=sum(1 for run in runs if not run.ok),
         runs=[{**asdict(run), "ok": run.ok} for run in runs],
     )
@@ -273,13 +357,17 @@ def _span(values: dict[str, Optional[float]], unit: str, fmt: str) -> str:
 
 def print_table(report: Report) -> None:
     cache = "bytecode cached" if report.bytecode_cache else "no bytecode cache: modules compiled in every run"
-    print(f"\nfleetprov --once vs minimal awsiotsdk script, {report.runs_per_kind} runs each, {cache}")
+    token = ", fleetprov-pkcs11 = key in a SoftHSM2 token" if report.pkcs11 else ""
+    print(
+        f"\nfleetprov --once (key in a file{token}) vs minimal awsiotsdk script, "
+        f"{report.runs_per_kind} runs each, {cache}"
+    )
     print(f"  ({report.note})")
-    rows = []
-    for kind in KINDS:
-        rows.append((f"{kind} wall time", _span(report.wall_seconds[kind], "s", ".3f")))
-        rows.append((f"{kind} peak RSS", _span(report.peak_rss_mib[kind], "MiB", ".1f")))
-        rows.append((f"{kind} CPU (user+sys)", _span(report.cpu_seconds[kind], "s", ".3f")))
+    kinds = [kind for kind in KINDS if report.pkcs11 or kind != PKCS11]
+    rows = []  # each figure of fleetprov-pkcs11 right below the same figure of fleetprov
+    rows += [(f"{kind} wall time", _span(report.wall_seconds[kind], "s", ".3f")) for kind in kinds]
+    rows += [(f"{kind} peak RSS", _span(report.peak_rss_mib[kind], "MiB", ".1f")) for kind in kinds]
+    rows += [(f"{kind} CPU (user+sys)", _span(report.cpu_seconds[kind], "s", ".3f")) for kind in kinds]
     ratio = "-" if report.wall_ratio is None else f"{report.wall_ratio:.2f}x"
     rows.append(("wall time fleetprov/minimal", f"{ratio}  target <= {WALL_TARGET_RATIO}x: {report.wall_target}"))
     difference = (
@@ -290,9 +378,24 @@ def print_table(report: Report) -> None:
     cpu_ratio = "-" if report.cpu_ratio is None else f"{report.cpu_ratio:.2f}x"
     rows.append(("CPU time fleetprov/minimal", f"{cpu_ratio}  (information: wall time is what the target is on)"))
     rows.append(("peak RSS fleetprov-minimal", f"{difference}  target <= +10 MB: {report.rss_target}"))
-    if report.fleetprov_step_seconds_median:
-        steps = ", ".join(f"{k} {v * 1000:.0f}" for k, v in report.fleetprov_step_seconds_median.items())
-        rows.append(("fleetprov steps (median ms)", steps))
+    if report.pkcs11:
+        for label, value in (
+            ("wall time pkcs11/minimal", report.pkcs11_wall_ratio_minimal),
+            ("wall time pkcs11/fleetprov", report.pkcs11_wall_ratio_file),
+        ):
+            rows.append((label, ("-" if value is None else f"{value:.2f}x") + "  (information, no target)"))
+        pkcs11_difference = (
+            "-"
+            if report.pkcs11_rss_difference_mb is None
+            else f"{report.pkcs11_rss_difference_mb:+.1f} MB ({report.pkcs11_rss_difference_mib:+.1f} MiB)"
+        )
+        rows.append(("peak RSS pkcs11-fleetprov", f"{pkcs11_difference}  (information, no target)"))
+    for kind, medians in (
+        ("fleetprov", report.fleetprov_step_seconds_median),
+        (PKCS11, report.pkcs11_step_seconds_median),
+    ):
+        if medians:
+            rows.append((f"{kind} steps (median ms)", ", ".join(f"{k} {v * 1000:.0f}" for k, v in medians.items())))
     rows.append(("failed runs", str(report.failures)))
     rows.append(("emulator exit code", str(report.emulator_exit_code)))
     width = max(len(label) for label, _ in rows)
@@ -318,22 +421,31 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="give the children a bytecode cache in the temporary directory, as an installed package has "
         "(default: yes; --no-bytecode-cache: PYTHONDONTWRITEBYTECODE=1, modules compiled in every run)",
     )
+    parser.add_argument(
+        "--pkcs11",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run fleetprov-pkcs11: the device key in a SoftHSM2 token of its own per run "
+        "(default: yes; --no-pkcs11: only fleetprov and minimal)",
+    )
     return parser.parse_args(argv)
 
 
-def schedule(runs: int) -> list[tuple[str, int]]:
-    """Warm-ups (index 0), then ABBA: a b, b a, a b, ..."""
-    order = [("fleetprov", 0), ("minimal", 0)]
+def schedule(runs: int, pkcs11: bool = True) -> list[tuple[str, int]]:
+    """Warm-ups (index 0), then ABBA, extended to three kinds: a c b, b c a, a c b, ... (a b, b a, ... without
+    fleetprov-pkcs11): over any two rounds every kind's mean position is the same, so linear drift cancels."""
+    kinds = [kind for kind in KINDS if pkcs11 or kind != PKCS11]
+    order = [(kind, 0) for kind in kinds]
     for index in range(1, runs + 1):
-        pair = [("fleetprov", index), ("minimal", index)]
-        order += pair if index % 2 else pair[::-1]
+        round_ = [(kind, index) for kind in kinds]
+        order += round_ if index % 2 else round_[::-1]
     return order
 
 
 def benchmark(args: argparse.Namespace, bench: Bench) -> list[Run]:
     log = sys.stderr if args.json else sys.stdout
     results = []
-    for kind, index in schedule(args.runs):
+    for kind, index in schedule(args.runs, args.pkcs11):
         if time.monotonic() > bench.deadline:
             print(f"--max-seconds ({args.max_seconds:g}) reached: stopping early", file=sys.stderr)
             break
@@ -341,7 +453,7 @@ def benchmark(args: argparse.Namespace, bench: Bench) -> list[Run]:
         label = "warm-up" if index == 0 else f"run {index}"
         outcome = "ok" if result.ok else f"FAILED: {result.error}"
         print(
-            f"{kind:>9} {label:<7} {result.wall_seconds:7.3f} s  {result.peak_rss_kib / 1024:6.1f} MiB  "
+            f"{kind:>16} {label:<7} {result.wall_seconds:7.3f} s  {result.peak_rss_kib / 1024:6.1f} MiB  "
             f"cpu {result.cpu_seconds:5.3f} s  {outcome}",
             file=log,
             flush=True,
@@ -352,6 +464,12 @@ def benchmark(args: argparse.Namespace, bench: Bench) -> list[Run]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.pkcs11:
+        try:
+            softhsm2_util()
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 1
     deadline = time.monotonic() + args.max_seconds
     with tempfile.TemporaryDirectory(prefix="fleetprov-latency-") as tmp:
         work = Path(tmp)
@@ -361,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             runs = benchmark(args, Bench(args, emulator, work, deadline))
         finally:  # also on an error or Ctrl-C
             emulator_exit = emulator.stop()
-    report = build_report(runs, args.runs, args.bytecode_cache)
+    report = build_report(runs, args.runs, args.bytecode_cache, args.pkcs11)
     report.emulator_exit_code = emulator_exit
     for run in runs:
         if not run.ok:
@@ -371,7 +489,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(asdict(report)))
     else:
         print_table(report)
-    complete = len(runs) == len(schedule(args.runs))
+    complete = len(runs) == len(schedule(args.runs, args.pkcs11))
     return 0 if report.failures == 0 and complete else 1
 
 

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := openssl mosquitto mosquitto-clients tinyproxy faketime softhsm2
+DEB_PACKAGES := openssl mosquitto mosquitto-clients tinyproxy faketime softhsm2 systemd procps
 
 .PHONY: demo test lint typecheck unit integration bench deps clean
 

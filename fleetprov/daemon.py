@@ -23,7 +23,7 @@ from typing import Callable, Optional, TypeVar
 from fleetprov.agent import once, record_last_run
 from fleetprov.claim import device_client_id, device_identity, endpoint_of
 from fleetprov.config import Config
-from fleetprov.errors import EX_OK, FleetprovError
+from fleetprov.errors import EX_OK, FleetprovError, StorageError
 from fleetprov.sdnotify import Notifier, watchdog_loop
 from fleetprov.session import connect
 from fleetprov.store import Generation
@@ -94,6 +94,7 @@ class Daemon:
             config, generation.certificate, generation.manifest.key_reference, key_file, self._environ
         )
         while not self._reload.is_set():
+            _still_there(config, generation)
             self._notifier.status(f"connecting to {config.endpoint}:{config.port} as {client_id}")
             try:
                 session = await self._until_stopped(connect(endpoint_of(config), identity, client_id))
@@ -153,6 +154,16 @@ class Daemon:
         if self._stop.is_set():
             raise Stopped
         return result  # type: ignore[return-value]  # None only when the stop event won
+
+
+def _still_there(config: Config, generation: Generation) -> None:
+    """The identity's files, before each connection. A state directory deleted under the running agent is a
+    storage failure (exit 73): the restart systemd then makes starts from scratch, as a first boot does.
+    While connected nothing is read: the connection goes on with what it loaded."""
+    if not generation.certificate.is_file():
+        raise StorageError(
+            f"{generation.certificate} has gone (was {config.state_dir} deleted?): cannot reconnect", step="connect"
+        )
 
 
 async def _first(waiting: Awaitable[T], event: asyncio.Event) -> Optional[T]:

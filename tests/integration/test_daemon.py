@@ -6,6 +6,7 @@ like the emulator, closes the older of two)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,3 +166,31 @@ def test_sighup_reloads_the_configuration(emulator: Emulator, start_agent: objec
     agent.wait_for_log("connected to localhost", count=3)
     assert agent.stop() == 0, agent.log()
     assert "Traceback" not in agent.log()
+
+
+def test_state_directory_deleted_under_the_daemon(emulator: Emulator, start_agent: object, tmp_path: Path) -> None:
+    """Connected, the agent goes on with what it loaded; at the next connection it finds the identity gone and
+    exits 73 naming it (systemd's restart then starts from scratch, as a first boot does). Nothing recreated."""
+    config = device_config(emulator, tmp_path / "device", "--serial", "daemon-deleted")
+    settings = yaml.safe_load(config.read_text())
+    settings["daemon"] = {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 1}
+    config.write_text(yaml.safe_dump(settings))
+    agent = start_agent(config)  # type: ignore[operator]
+    agent.wait_for("READY=1")
+    state = tmp_path / "device" / "state"
+    certificate, key = _thing_identity(state)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "c.pem").write_bytes(certificate.read_bytes())
+    (copy / "k.pem").write_bytes(key.read_bytes())
+    shutil.rmtree(state)
+    intruder = connect(emulator, copy / "c.pem", copy / "k.pem", "fleetprov-daemon-deleted")
+    try:
+        assert agent.process.wait(timeout=WAIT) == 73, agent.log()
+    finally:
+        intruder.disconnect()
+    final = agent.log().strip().splitlines()[-1]
+    assert final.startswith("fleetprov: connect: ") and "has gone" in final and str(state) in final, final
+    assert not state.exists()
+    agent.receive()
+    assert any("STOPPING=1" in message.splitlines() for message in agent.messages)

@@ -33,7 +33,7 @@ What it does:
 
 Policies (``retry:`` of every device config):
 
-* A ``exponential``: fleetprov's backoff, exponential with full jitter, capped: initial_delay 1, max_delay 20,
+* A ``exponential``: fleetprov's backoff, exponential with full jitter, capped: initial_delay 1, max_delay 10,
   budget 300, max_attempts 100 (a budget large enough for the whole herd; the shipped defaults are 1 / 60 /
   600 / 10);
 * B ``fixed``: ``strategy: fixed, initial_delay: 5, max_attempts: 100, budget: 300``: always 5 s, no jitter.
@@ -699,7 +699,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--policies", nargs="+", choices=sorted(POLICIES), default=["exponential", "fixed"], help="(default both)"
     )
     parser.add_argument("--initial-delay", type=positive_float, default=1.0, help="policy A (default 1)")
-    parser.add_argument("--max-delay", type=positive_float, default=20.0, help="policy A (default 20)")
+    parser.add_argument("--max-delay", type=positive_float, default=10.0, help="policy A (default 10)")
     parser.add_argument("--fixed-delay", type=positive_float, default=5.0, help="policy B (default 5)")
     parser.add_argument("--budget", type=positive_float, default=300.0, help="both policies (default 300)")
     parser.add_argument("--max-attempts", type=positive_int, default=100, help="both policies (default 100)")

@@ -35,6 +35,7 @@ from fleetprov.config import Config
 from fleetprov.crashpoints import crash_point
 from fleetprov.errors import EX_TEMPFAIL, BadServiceData, ConfigError, FleetprovError, Refused
 from fleetprov.facts import default_claim_client_id, read_facts, template_parameters
+from fleetprov.hooks import run_hooks
 from fleetprov.journal import TOKEN_LIFETIME, Journal, clear_journal, save_journal
 from fleetprov.keys import PreparedKey, prepared
 from fleetprov.keys.file import FileKeyBackend, public_key_der
@@ -552,6 +553,7 @@ async def provision(
             _give_up(store, progress, staging, exc)
         raise
     _finish(store, generation)
+    run_hooks(config, generation, environ)
     return Provisioned(generation, progress.journal.abandoned)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "ClaimConfig",
     "Config",
     "DaemonConfig",
+    "HooksConfig",
     "KeysConfig",
     "ParametersConfig",
     "ProvisioningConfig",
@@ -122,6 +123,17 @@ class RetryConfig:
     strategy: str = "exponential"  # or "fixed": always initial_delay, no jitter (for comparisons)
 
 
+DEFAULT_HOOKS_DIR = Path("/etc/fleetprov/hooks.d")
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """Executables run after each commit of a new identity (fleetprov/hooks.py)."""
+
+    directory: Path = DEFAULT_HOOKS_DIR
+    timeout: float = 30.0  # seconds per hook; then it is killed
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     """`fleetprov run`: how the permanent connection is held."""
@@ -148,6 +160,7 @@ class Config:
     retry: RetryConfig = RetryConfig()
     keys: KeysConfig = KeysConfig()
     daemon: DaemonConfig = DaemonConfig()
+    hooks: HooksConfig = HooksConfig()
     clock_sync_timeout: float = 300.0  # seconds to wait for an implausible (pre-release) clock to be synchronised
 
 
@@ -156,7 +169,9 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
         "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout", "keys", "daemon",
+        "hooks",
     ),
+    "hooks": ("directory", "timeout"),
     "daemon": ("reconnect_initial_delay", "reconnect_max_delay"),
     "keys": ("backend", "pkcs11"),
     "keys.pkcs11": (
@@ -243,6 +258,7 @@ def render_config(config: Config) -> str:
         "log_level": config.log_level,
         "clock_sync_timeout": config.clock_sync_timeout,
         "keys": _render_keys(config.keys),
+        "hooks": {"directory": str(config.hooks.directory), "timeout": config.hooks.timeout},
         "daemon": {
             "reconnect_initial_delay": config.daemon.reconnect_initial_delay,
             "reconnect_max_delay": config.daemon.reconnect_max_delay,
@@ -399,6 +415,7 @@ def _parse_keys(top: YamlReader, source: Path, base: Path, default_state_dir: Pa
         retry=_retry(top.child("retry")),
         keys=_keys(top.child("keys"), base),
         daemon=_daemon(top.child("daemon")),
+        hooks=_hooks(top.child("hooks"), base),
         clock_sync_timeout=_clock_sync_timeout(top),
     )
 
@@ -427,6 +444,16 @@ def _retry(section: Optional[YamlReader]) -> RetryConfig:
     if retry.max_delay < retry.initial_delay:
         raise section.error("max_delay", "must not be smaller than retry.initial_delay")
     return retry
+
+
+def _hooks(section: Optional[YamlReader], base: Path) -> HooksConfig:
+    if section is None:
+        return HooksConfig()
+    section.check_keys(_KEYS["hooks"])
+    timeout = _seconds(section, "timeout", HooksConfig.timeout)
+    if timeout <= 0:
+        raise section.error("timeout", "must be a positive number of seconds")
+    return HooksConfig(directory=_path(section, "directory", base) or DEFAULT_HOOKS_DIR, timeout=timeout)
 
 
 def _daemon(section: Optional[YamlReader]) -> DaemonConfig:

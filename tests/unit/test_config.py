@@ -627,7 +627,7 @@ def test_render_redacts_the_password_and_keeps_the_layout(tmp_path: Path) -> Non
     assert set(rendered) == {
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
         "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout", "keys",
-        "daemon",
+        "daemon", "hooks",
     }  # fmt: skip
     assert rendered["retry"] == {
         "initial_delay": 1.0,

@@ -12,7 +12,8 @@ from fleetprov.retry import RetriesExhausted, retrying
 FAST = RetryConfig(initial_delay=0.01, max_delay=0.02, budget=5, max_attempts=4)
 
 
-def run(policy: RetryConfig, outcomes: list[BaseException | str]) -> tuple[str, int]:
+def run(policy: RetryConfig, outcomes: list[BaseException | str], stages: list[str] | None = None) -> tuple[str, int]:
+    """``outcomes[i]`` is what attempt i does; ``stages[i]`` the progress once i attempts were made."""
     calls = 0
 
     async def attempt() -> str:
@@ -23,7 +24,10 @@ def run(policy: RetryConfig, outcomes: list[BaseException | str]) -> tuple[str, 
             raise outcome
         return outcome
 
-    return asyncio.run(retrying(policy, attempt)), calls
+    def progress() -> object:
+        return None if stages is None else stages[calls]
+
+    return asyncio.run(retrying(policy, attempt, progress=progress)), calls
 
 
 def test_transient_failures_are_retried() -> None:
@@ -75,18 +79,7 @@ def test_progress_restarts_the_backoff(caplog: pytest.LogCaptureFixture, monkeyp
     caplog.set_level("WARNING")
     down = EndpointUnavailable("throttled")
     outcomes: list[BaseException | str] = [down] * 6 + ["ok"]
-    stages = ["key-ready"] * 5 + ["issued"] * 3  # stages[i]: the progress once i attempts were made
-    calls = 0
-
-    async def attempt() -> str:
-        nonlocal calls
-        outcome = outcomes[calls]
-        calls += 1
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    assert asyncio.run(retrying(policy, attempt, progress=lambda: stages[calls])) == "ok"
+    assert run(policy, outcomes, stages=["key-ready"] * 5 + ["issued"] * 3) == ("ok", 7)
     delays = [line.split("retrying in ")[1].split()[0] for line in caplog.messages if "retrying in" in line]
     # 0.01, 0.02, 0.04, 0.08 (logged with one decimal); the 5th attempt made progress: 0.01, 0.02 again, where
     # without the restart they would be 0.16 and 0.32.

@@ -114,7 +114,8 @@ class Daemon:
             except Stopped:
                 await session.close(SHUTDOWN_TIMEOUT)
                 raise
-            await session.close(min(config.operation_timeout, 5.0))
+            # A lost connection has nothing to flush: awscrt's disconnect of one it is reconnecting can take long.
+            await session.close(SHUTDOWN_TIMEOUT if why is not None else config.operation_timeout)
             if why is not None:
                 log.warning("connection lost: %s", why)
                 await self._pause(config, f"connection lost ({why})")

@@ -163,13 +163,22 @@ def test_no_watchdog_without_notify_socket() -> None:
     assert Notifier.from_environ({"WATCHDOG_USEC": "2000000"}).watchdog_interval is None
 
 
-def run_watchdog_loop(notifier: Notifier, healthy: list[bool], seconds: float) -> None:
-    """Run watchdog_loop for ``seconds``, then cancel it; healthy() answers from ``healthy``, then True."""
-    answers = iter(healthy)
+def run_watchdog_loop(notifier: Notifier, answers: list[bool]) -> None:
+    """Run watchdog_loop until healthy() has given every one of ``answers``, then cancel it. No timing: the
+    loop pings (or not) right after each answer, before it sleeps, which is when the cancel lands."""
+    remaining = list(answers)
 
     async def main() -> None:
-        task = asyncio.create_task(watchdog_loop(notifier, lambda: next(answers, True)))
-        await asyncio.sleep(seconds)
+        asked_all = asyncio.Event()
+
+        def healthy() -> bool:
+            answer = remaining.pop(0)
+            if not remaining:
+                asked_all.set()
+            return answer
+
+        task = asyncio.create_task(watchdog_loop(notifier, healthy))
+        await asked_all.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -181,12 +190,8 @@ def test_watchdog_loop_pings_every_interval(receiver: tuple[socket.socket, str])
     sock, address = receiver
     with Notifier.from_environ({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}) as notifier:
         assert notifier.watchdog_interval == 0.1
-        run_watchdog_loop(notifier, [], 0.55)
-        pings = received(sock)
-        # Pings at 0, 0.1, ... 0.5 s: 6 at most by construction; a slow machine may lose a tick or two, hence 4.
-        assert set(pings) == {b"WATCHDOG=1"} and 4 <= len(pings) <= 6
-        time.sleep(0.25)
-        assert received(sock) == []  # cancelled: no more pings
+        run_watchdog_loop(notifier, [True] * 5)
+        assert received(sock) == [b"WATCHDOG=1"] * 5  # one per healthy tick, none after the cancel
 
 
 def test_watchdog_loop_skips_pings_while_unhealthy(
@@ -195,13 +200,13 @@ def test_watchdog_loop_skips_pings_while_unhealthy(
     sock, address = receiver
     caplog.set_level(logging.INFO, logger="fleetprov.sdnotify")
     with Notifier.from_environ({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}) as notifier:
-        run_watchdog_loop(notifier, [False] * 1000, 0.35)
+        run_watchdog_loop(notifier, [False] * 3)
         assert received(sock) == []
         assert [record.levelname for record in caplog.records] == ["WARNING"]  # said once, not at every tick
 
         caplog.clear()
-        run_watchdog_loop(notifier, [True, False, False], 0.55)  # healthy, unhealthy twice, healthy again
-        assert 2 <= len(received(sock)) <= 4  # at most 6 ticks minus the 2 skipped; generous as above
+        run_watchdog_loop(notifier, [True, False, False, True])  # healthy, unhealthy twice, healthy again
+        assert received(sock) == [b"WATCHDOG=1"] * 2
         assert [record.levelname for record in caplog.records] == ["WARNING", "INFO"]
 
 

@@ -439,18 +439,18 @@ def _stage_identity(config: Config, journal: Journal, staging: Staging, environ:
         staging.remove_derived()  # a crash may have left one half-written; the journal has their content
         certificate = staging.write_certificate(journal.text("certificate_pem").encode())
         staging.write_device_config(journal.device_configuration or {})
-        staging.write_manifest(
-            Manifest(
-                thing_name=journal.text("thing_name"),
-                certificate_id=journal.text("certificate_id"),
-                endpoint=config.endpoint,
-                not_after=journal.text("not_after"),
-                key_reference=journal.key_reference or KEY_FILE_REFERENCE,
-                template=config.provisioning.template,
-                device_configuration=dict(journal.device_configuration or {}),
-                provisioned_at=iso_utc(dt.datetime.now(dt.timezone.utc)),
-            )
+        manifest = Manifest(
+            thing_name=journal.text("thing_name"),
+            certificate_id=journal.text("certificate_id"),
+            endpoint=config.endpoint,
+            not_after=journal.text("not_after"),
+            key_reference=journal.key_reference or KEY_FILE_REFERENCE,
+            template=journal.template,
+            device_configuration=dict(journal.device_configuration or {}),
+            provisioned_at=iso_utc(dt.datetime.now(dt.timezone.utc)),
         )
+        staging.write_manifest(manifest)
+        staging.write_identity(manifest, port=config.port, root_ca=config.root_ca)
     crash_point("before-verify")
     key_reference = journal.key_reference or KEY_FILE_REFERENCE
     return device_identity(config, certificate, key_reference, staging.private_key, environ)

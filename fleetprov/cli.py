@@ -2,6 +2,8 @@
 
 fleetprov [run] [--config PATH]         the daemon: provision if needed, then stay connected (fleetprov.service)
 fleetprov --once [--config PATH]        provision if needed, verify by connecting, exit
+fleetprov reprovision                   provision anew with the claim; the old identity stays for rollback
+fleetprov rollback                      make the previous generation current again
 fleetprov status [--json]               what this device's identity is, and how the last run ended
 fleetprov check-config                  the effective configuration, secrets redacted
 fleetprov emulator ...                  the local AWS IoT emulator
@@ -14,9 +16,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fleetprov import __version__
 from fleetprov.errors import EX_OK, EX_USAGE, FleetprovError
@@ -47,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon: provision if needed, then stay connected; SIGHUP reloads, SIGTERM stops (the default)",
     )
     run.set_defaults(handler=_run)
+
+    reprovision = commands.add_parser(
+        "reprovision",
+        parents=[config_option],
+        help="provision anew with the claim although there is an identity (the old one stays for rollback)",
+    )
+    reprovision.set_defaults(handler=_reprovision)
+
+    rollback = commands.add_parser(
+        "rollback",
+        parents=[config_option],
+        help="make the generation before the current one current again (restart fleetprov.service afterwards)",
+    )
+    rollback.set_defaults(handler=_rollback)
 
     status = commands.add_parser(
         "status", parents=[config_option], help="show this device's identity and the last run's outcome"
@@ -116,18 +132,33 @@ def _run(args: argparse.Namespace) -> int:
     from fleetprov.daemon import run
 
     _load_config(args)  # a bad configuration fails at once, before anything starts
-    result: int = asyncio.run(run(lambda: _load_config(args), os.environ))
+    reprovision = [sys.executable, "-m", "fleetprov", "--config", str(config_path(args).absolute()), "reprovision"]
+    if args.verbose:
+        reprovision.insert(3, "--verbose")
+    result: int = asyncio.run(run(lambda: _load_config(args), os.environ, reprovision))
     return result
 
 
 def _once(args: argparse.Namespace) -> int:
+    from fleetprov.agent import once
+
+    return _provision(args, once)
+
+
+def _reprovision(args: argparse.Namespace) -> int:
+    from fleetprov.agent import reprovision
+
+    return _provision(args, reprovision)
+
+
+def _provision(args: argparse.Namespace, how: Callable[[Any], Coroutine[Any, Any, Any]]) -> int:
     import asyncio
 
-    from fleetprov.agent import once, record_last_run
+    from fleetprov.agent import record_last_run
 
     config = _load_config(args)
     try:
-        outcome = asyncio.run(once(config))
+        outcome = asyncio.run(how(config))
     except FleetprovError as exc:
         record_last_run(config.state_dir, exc.exit_code, exc)
         raise
@@ -138,6 +169,16 @@ def _once(args: argparse.Namespace) -> int:
     verb = "provisioned" if outcome.provisioned else "already provisioned; verified"
     print(f"{verb}: thing {generation.manifest.thing_name}, certificate {generation.manifest.certificate_id}")
     print(f"credentials: {config.state_dir / 'current'} -> {generation.path}")
+    return EX_OK
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from fleetprov.agent import rollback
+
+    was, now = rollback(_load_config(args))
+    print(f"rolled back: generation {was.number} (certificate {was.manifest.certificate_id}) -> generation "
+          f"{now.number} (thing {now.manifest.thing_name}, certificate {now.manifest.certificate_id})")  # fmt: skip
+    print("restart fleetprov.service to connect with it")
     return EX_OK
 
 

@@ -80,6 +80,7 @@ class ClaimConfig:
     private_key: Optional[Path]  # None when the claim key is in a PKCS#11 token: then private_key_uri
     client_id: Optional[str] = None  # None: derived per device (fleetprov.facts), never one ID for the fleet
     private_key_uri: Optional[Pkcs11Uri] = None  # the claim key in keys.pkcs11's library, with its PIN
+    remove_after_success: bool = False  # delete the claim's key file once an identity is committed
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ class DaemonConfig:
 
     reconnect_initial_delay: float = 1.0  # seconds; reconnect delays grow exponentially with full jitter
     reconnect_max_delay: float = 120.0  # cap of one reconnect delay
+    reprovision_after: int = 3  # refusals of the permanent certificate in a row before provisioning anew; 0: never
+    rotate_before: float = 30 * 86400.0  # seconds before the certificate's not-after to rotate it; 0: never
+    rotation_template: Optional[str] = None  # RegisterThing template for rotation; None: provisioning.template
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ class Config:
     keys: KeysConfig = KeysConfig()
     daemon: DaemonConfig = DaemonConfig()
     hooks: HooksConfig = HooksConfig()
+    share_with_group: bool = False  # group `fleetprov` may read the published identity (README "Identity for ...")
     clock_sync_timeout: float = 300.0  # seconds to wait for an implausible (pre-release) clock to be synchronised
 
 
@@ -169,17 +174,19 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
         "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout", "keys", "daemon",
-        "hooks",
+        "hooks", "share_with_group",
     ),
     "hooks": ("directory", "timeout"),
-    "daemon": ("reconnect_initial_delay", "reconnect_max_delay"),
+    "daemon": (
+        "reconnect_initial_delay", "reconnect_max_delay", "reprovision_after", "rotate_before", "rotation_template",
+    ),
     "keys": ("backend", "pkcs11"),
     "keys.pkcs11": (
         "library", "token_label", "slot", "key_label", "key_id", "pin_file", "pin_env", "pin_credential",
     ),
     "retry": ("initial_delay", "max_delay", "budget", "max_attempts", "strategy"),
     "proxy": ("host", "port", "username", "password"),
-    "claim": ("certificate", "private_key", "client_id"),
+    "claim": ("certificate", "private_key", "client_id", "remove_after_success"),
     "provisioning": ("template", "method", "key_type", "parameters"),
     "provisioning.parameters": ("static", "from_env", "facts", "command", "command_timeout"),
     "device": ("client_id",),
@@ -240,6 +247,7 @@ def render_config(config: Config) -> str:
             "certificate": str(config.claim.certificate),
             "private_key": str(config.claim.private_key_uri or config.claim.private_key),
             "client_id": config.claim.client_id,
+            "remove_after_success": config.claim.remove_after_success,
         },
         "provisioning": {
             "template": config.provisioning.template,
@@ -259,9 +267,13 @@ def render_config(config: Config) -> str:
         "clock_sync_timeout": config.clock_sync_timeout,
         "keys": _render_keys(config.keys),
         "hooks": {"directory": str(config.hooks.directory), "timeout": config.hooks.timeout},
+        "share_with_group": config.share_with_group,
         "daemon": {
             "reconnect_initial_delay": config.daemon.reconnect_initial_delay,
             "reconnect_max_delay": config.daemon.reconnect_max_delay,
+            "reprovision_after": config.daemon.reprovision_after,
+            "rotate_before": config.daemon.rotate_before,
+            "rotation_template": config.daemon.rotation_template,
         },
         "retry": {
             "initial_delay": config.retry.initial_delay,
@@ -416,6 +428,7 @@ def _parse_keys(top: YamlReader, source: Path, base: Path, default_state_dir: Pa
         keys=_keys(top.child("keys"), base),
         daemon=_daemon(top.child("daemon")),
         hooks=_hooks(top.child("hooks"), base),
+        share_with_group=top.get("share_with_group", bool, False),
         clock_sync_timeout=_clock_sync_timeout(top),
     )
 
@@ -460,9 +473,21 @@ def _daemon(section: Optional[YamlReader]) -> DaemonConfig:
     if section is None:
         return DaemonConfig()
     section.check_keys(_KEYS["daemon"])
+    reprovision_after: int = section.get("reprovision_after", int, DaemonConfig.reprovision_after)
+    if reprovision_after < 0:
+        raise section.error("reprovision_after", "must be 0 (never) or a positive count of refusals")
+    rotate_before = section.number("rotate_before", DaemonConfig.rotate_before)
+    if not (math.isfinite(rotate_before) and rotate_before >= 0):
+        raise section.error("rotate_before", "must be 0 (never) or a positive number of seconds")
+    rotation_template = _text(section, "rotation_template")
+    if rotation_template is not None and not _TEMPLATE_NAME.fullmatch(rotation_template):
+        raise section.error("rotation_template", "not a template name (1-36 of A-Z a-z 0-9 _ -)")
     daemon = DaemonConfig(
         reconnect_initial_delay=_seconds(section, "reconnect_initial_delay", DaemonConfig.reconnect_initial_delay),
         reconnect_max_delay=_seconds(section, "reconnect_max_delay", DaemonConfig.reconnect_max_delay),
+        reprovision_after=reprovision_after,
+        rotate_before=rotate_before,
+        rotation_template=rotation_template,
     )
     if daemon.reconnect_max_delay < daemon.reconnect_initial_delay:
         raise section.error("reconnect_max_delay", "must not be smaller than daemon.reconnect_initial_delay")
@@ -597,6 +622,7 @@ def _proxy(section: Optional[YamlReader]) -> Optional[ProxyConfig]:
 def _claim(section: YamlReader, base: Path) -> ClaimConfig:
     certificate = _required_path(section, "certificate", base, "the claim certificate (PEM)")
     key = _required_text(section, "private_key", "the claim certificate's private key (PEM, or a pkcs11: URI)")
+    remove: bool = section.get("remove_after_success", bool, False)
     if key.startswith(URI_SCHEME):
         try:
             uri = parse_pkcs11_uri(key)
@@ -604,11 +630,16 @@ def _claim(section: YamlReader, base: Path) -> ClaimConfig:
             raise section.error("private_key", f"not a usable PKCS#11 URI: {exc}") from None
         if uri.key_label is None or uri.object_type != "private":
             raise section.error("private_key", "a claim key URI names a private key by label (object=...)")
+        if remove:
+            raise section.error(
+                "remove_after_success", "fleetprov removes claim key files only; a key in a token stays there"
+            )
         return ClaimConfig(certificate, None, _client_id(section), uri)
     return ClaimConfig(
         certificate=certificate,
         private_key=_required_path(section, "private_key", base, "the claim certificate's private key (PEM)"),
         client_id=_client_id(section),
+        remove_after_success=remove,
     )
 
 

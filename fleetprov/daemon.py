@@ -2,6 +2,10 @@
 
     provision if needed (as --once does) -> connect with the permanent identity -> READY=1 -> hold it
     -> lost? reconnect after a jittered, growing delay -> ... until SIGTERM (STOPPING=1, exit 0)
+    -> due for rotation? rotate the certificate over the connection (fleetprov/rotation.py), hold the new one
+    -> refused daemon.reprovision_after times in a row (revoked, deactivated, deleted, expired)? run
+       `fleetprov reprovision` (a child process: it may use the PKCS#11 module, which awscrt holds here), then
+       hold the new identity; the old generation stays for `fleetprov rollback`
 
 SIGHUP re-reads the configuration (a bad file is logged and the old configuration kept) and reconnects with
 the new one. sd_notify tells systemd what is going on: READY=1 once connected with the permanent identity,
@@ -17,35 +21,62 @@ import contextlib
 import logging
 import random
 import signal
-from collections.abc import Awaitable, Mapping
-from typing import Callable, Optional, TypeVar
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Callable, Optional, TypeVar, Union
 
-from fleetprov.agent import once, record_last_run
+from fleetprov.agent import once, record_last_run, store_of
 from fleetprov.claim import device_client_id, device_identity, endpoint_of
 from fleetprov.config import Config
-from fleetprov.errors import EX_OK, FleetprovError, StorageError
+from fleetprov.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, FleetprovError, Refused, StorageError
+from fleetprov.rotation import rotate, rotation_due
 from fleetprov.sdnotify import Notifier, watchdog_loop
-from fleetprov.session import connect
-from fleetprov.store import Generation
+from fleetprov.session import Session, connect
+from fleetprov.store import Generation, parse_iso_utc
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SHUTDOWN_TIMEOUT = 1.0  # seconds for closing the connection on SIGTERM: systemd gets its answer within 2 s
+ROTATION_RETRY_AFTER_REFUSAL = 3600.0  # seconds: a rotation the service refused is tried again this much later
+WAKE_UP = 3600.0  # seconds: while connected, the rotation time is looked at again at least this often
+TRANSIENT_EXITS = (EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR)  # of `fleetprov reprovision`: try again later
 
 
 class Stopped(Exception):
     """SIGTERM or SIGINT arrived: leave whatever is going on."""
 
 
+class NewIdentityNeeded(Exception):
+    """The permanent certificate was refused daemon.reprovision_after times in a row."""
+
+
+class ReprovisionFailed(FleetprovError):
+    """`fleetprov reprovision` failed for good; the daemon exits with its exit status."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"provisioning anew failed with exit status {exit_code} (its log says why)", step="claim")
+        self.exit_code = exit_code
+
+
+class _Rotate:
+    """What waiting on a connection returns when the certificate is due for rotation."""
+
+
+ROTATE = _Rotate()
+
+
 class Daemon:
-    def __init__(self, load: Callable[[], Config], environ: Mapping[str, str]) -> None:
+    def __init__(self, load: Callable[[], Config], environ: Mapping[str, str], reprovision: Sequence[str]) -> None:
         self._load = load
         self._environ = environ
+        self._reprovision_command = tuple(reprovision)  # argv of `fleetprov reprovision` with this configuration
         self._notifier = Notifier.from_environ(environ)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._failures = 0  # connection attempts that failed in a row (for the backoff)
+        self._rotation_failures = 0
+        self._rotation_refused = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -57,8 +88,12 @@ class Daemon:
         try:
             while True:
                 generation = await self._until_stopped(self._identity(config))
-                await self._hold(config, generation)
-                config = self._reloaded(config)
+                try:
+                    await self._hold(config, generation)
+                except NewIdentityNeeded as why:
+                    await self._provision_anew(config, str(why))
+                if self._reload.is_set():
+                    config = self._reloaded(config)
         except Stopped:
             log.info("stopping")
             return EX_OK
@@ -86,31 +121,42 @@ class Daemon:
             return outcome.generation
 
     async def _hold(self, config: Config, generation: Generation) -> None:
-        """Stay connected with ``generation`` until SIGHUP (returns) or SIGTERM (Stopped)."""
+        """Stay connected with ``generation`` until SIGHUP or a rotation (returns), SIGTERM (Stopped) or too
+        many refusals (NewIdentityNeeded)."""
         thing = generation.manifest.thing_name
         client_id = device_client_id(config, thing)
         key_file = generation.private_key or generation.path / "private.key"
         identity = device_identity(
             config, generation.certificate, generation.manifest.key_reference, key_file, self._environ
         )
+        refusals = 0
+        due = rotation_due(config, generation)
         while not self._reload.is_set():
             _still_there(config, generation)
             self._notifier.status(f"connecting to {config.endpoint}:{config.port} as {client_id}")
             try:
                 session = await self._until_stopped(connect(endpoint_of(config), identity, client_id))
             except FleetprovError as exc:
-                if not exc.transient:
+                if _refused(exc, generation):
+                    refusals += 1
+                    self._count_refusal(config, generation, exc, refusals)
+                elif not exc.transient:
                     raise
                 await self._pause(config, f"cannot connect ({exc.message})")
                 continue
-            self._failures = 0
+            self._failures = refusals = 0
             log.info("connected to %s:%s as %s (thing %s)", config.endpoint, config.port, client_id, thing)
             # One datagram: systemd sees the service ready and why at the same moment.
             self._notifier.send(
                 "READY=1", f"STATUS=connected as {client_id} (thing {thing}, generation {generation.number})"
             )
             try:
-                why = await self._until_stopped(self._until_reload(session.lost.wait()))
+                why = await self._until_stopped(self._until_reload(_while_connected(session, due)))
+                if why is ROTATE:
+                    if await self._rotated(config, generation, session):
+                        return
+                    due = self._next_rotation()
+                    continue  # the failed rotation closed the connection: connect again with the old identity
             except Stopped:
                 await session.close(SHUTDOWN_TIMEOUT)
                 raise
@@ -119,6 +165,52 @@ class Daemon:
             if why is not None:
                 log.warning("connection lost: %s", why)
                 await self._pause(config, f"connection lost ({why})")
+
+    def _count_refusal(self, config: Config, generation: Generation, exc: FleetprovError, refusals: int) -> None:
+        """Count one refusal of the permanent certificate; NewIdentityNeeded (or exc) once there are enough."""
+        limit = config.daemon.reprovision_after
+        if limit == 0:
+            raise exc
+        what = f"certificate {generation.manifest.certificate_id} refused ({refusals} of {limit}): {exc.message}"
+        if refusals >= limit:
+            raise NewIdentityNeeded(what)
+        log.warning("%s", what)
+
+    async def _rotated(self, config: Config, generation: Generation, session: Session) -> bool:
+        """Rotate over ``session``; True once the new generation is current. On failure the session is
+        closed and the next attempt scheduled (_next_rotation)."""
+        self._notifier.status(f"rotating the certificate of thing {generation.manifest.thing_name}")
+        try:
+            await self._until_stopped(rotate(config, store_of(config), generation, session, self._environ))
+        except FleetprovError as exc:
+            await session.close(SHUTDOWN_TIMEOUT)
+            self._rotation_failures += 1
+            self._rotation_refused = not exc.transient
+            log.error("rotation failed, generation %s stays current: %s", generation.number, exc)
+            return False
+        self._rotation_failures = 0
+        return True
+
+    def _next_rotation(self) -> float:
+        """When to try a failed rotation again: soon after a transient failure (growing, jittered), an hour
+        after a refusal (the template, the policy or a hook needs fixing first)."""
+        cap = min(ROTATION_RETRY_AFTER_REFUSAL, 2.0 ** min(self._rotation_failures, 12))
+        delay = ROTATION_RETRY_AFTER_REFUSAL if self._rotation_refused else random.uniform(cap / 2, cap)  # noqa: S311
+        log.warning("next rotation attempt in %.0f s", delay)
+        return time.time() + delay
+
+    async def _provision_anew(self, config: Config, why: str) -> None:
+        """`fleetprov reprovision` in a child process until it succeeds; transient failures are waited out."""
+        log.warning("%s: provisioning anew with the claim", why)
+        while True:
+            self._notifier.status(f"provisioning anew with the claim: {why}")
+            code = await self._until_stopped(_child(self._reprovision_command))
+            if code == EX_OK:
+                self._failures = 0
+                return
+            if code not in TRANSIENT_EXITS:
+                raise ReprovisionFailed(code)
+            await self._pause(config, f"provisioning anew failed (exit status {code})")
 
     async def _pause(self, config: Config, what: str) -> None:
         """Wait a full-jitter exponential delay before the next attempt (cut short by SIGHUP)."""
@@ -167,6 +259,39 @@ def _still_there(config: Config, generation: Generation) -> None:
         )
 
 
+def _refused(exc: FleetprovError, generation: Generation) -> bool:
+    """Whether a failed connection means the certificate is no good: refused at CONNECT (AWS IoT refuses a
+    REVOKED, INACTIVE or deleted certificate), or the certificate has expired (the TLS handshake fails)."""
+    if isinstance(exc, Refused):
+        return True
+    return time.time() > parse_iso_utc(generation.manifest.not_after).timestamp()
+
+
+async def _while_connected(session: Session, due: Optional[float]) -> Union[str, _Rotate]:
+    """Why the connection was lost, or ROTATE once ``due`` (epoch seconds) has come. The wall clock is looked
+    at again at least hourly: it may be set while the daemon waits."""
+    while True:
+        wait = None if due is None else min(WAKE_UP, max(0.0, due - time.time()))
+        if wait == 0.0:
+            return ROTATE
+        with contextlib.suppress(asyncio.TimeoutError):
+            return await asyncio.wait_for(session.lost.wait(), wait)
+
+
+async def _child(argv: Sequence[str]) -> int:
+    """Run ``argv`` (its output goes where ours goes) and return its exit status; killed if cancelled."""
+    process = await asyncio.create_subprocess_exec(*argv)
+    try:
+        return await process.wait()
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), SHUTDOWN_TIMEOUT / 2)
+            except asyncio.TimeoutError:
+                process.kill()
+
+
 async def _first(waiting: Awaitable[T], event: asyncio.Event) -> Optional[T]:
     task = asyncio.ensure_future(waiting)
     signalled = asyncio.ensure_future(event.wait())
@@ -187,5 +312,5 @@ def _discard(waiting: Awaitable[object]) -> None:
         waiting.close()
 
 
-async def run(load: Callable[[], Config], environ: Mapping[str, str]) -> int:
-    return await Daemon(load, environ).run()
+async def run(load: Callable[[], Config], environ: Mapping[str, str], reprovision: Sequence[str]) -> int:
+    return await Daemon(load, environ, reprovision).run()

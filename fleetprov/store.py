@@ -1,15 +1,21 @@
 """Credential storage: numbered generations, an atomic ``current`` pointer, one lock, recovery at start.
 
-Layout of the state directory (README "State directory"; every directory 0700)::
+Layout of the state directory (README "State directory"; every directory 0700, but see share_with_group)::
 
     current -> generations/<n>          relative symlink, replaced by renaming a fresh current.tmp-<pid> over it
     generations/<n>/certificate.pem     0644
     generations/<n>/private.key         0600 from its first byte; absent when the key lives in a PKCS#11 token
     generations/<n>/manifest.json       0644, see Manifest
     generations/<n>/device-config.json  0644, the deviceConfiguration from RegisterThing
+    generations/<n>/identity.json       0644, for local applications (identity_document); older generations lack it
     staging-<random>/                   a generation being built, never visible as current
     removing-<n>-<random>/              a generation being deleted by prune()
     lock                                flock(2) target; holds the holder's pid
+
+With share_with_group (GROUP_MODES) the published identity is readable by the directories' group: the state
+directory, generations/ and each generation 0750, a generation's files 0640 (private.key too). The lock, the
+journal and staging directories stay 0600/0700, and a generation's directory and files get their final modes
+(umask-independent) at commit, before the rename that makes them visible.
 
 Why a crash cannot leave anything half-written under ``current``: every file of a generation is written and
 fsync'd inside a staging directory nobody reads; one rename(2) turns it into generations/<n>, complete; a
@@ -29,6 +35,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -49,10 +56,12 @@ CERTIFICATE = "certificate.pem"
 PRIVATE_KEY = "private.key"
 MANIFEST = "manifest.json"
 DEVICE_CONFIG = "device-config.json"
+IDENTITY = "identity.json"
 
 KEY_FILE_REFERENCE = f"file:{PRIVATE_KEY}"
 PKCS11_PREFIX = "pkcs11:"
 MANIFEST_FORMAT = 1
+IDENTITY_FORMAT = 1
 
 _TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -163,6 +172,46 @@ class Manifest:
             raise CorruptState(f"{where}: {exc}") from None
 
 
+def identity_document(manifest: Manifest, state_dir: Path, *, port: int, root_ca: Path) -> dict[str, object]:
+    """identity.json: where local applications find the device identity (README "Identity for other services").
+
+    Paths go through ``current`` (not generations/<n>), so the file stays right after a rotation switches
+    ``current``; the generation's number is not known before the commit and is not in it.
+    """
+    current = state_dir.absolute() / CURRENT
+    key_in_file = manifest.key_reference == KEY_FILE_REFERENCE
+    return {
+        "format": IDENTITY_FORMAT,
+        "thing_name": manifest.thing_name,
+        "certificate_id": manifest.certificate_id,
+        "endpoint": manifest.endpoint,
+        "port": port,
+        "root_ca": str(root_ca.absolute()),
+        "certificate": str(current / CERTIFICATE),
+        "private_key": str(current / PRIVATE_KEY) if key_in_file else None,
+        "key_reference": manifest.key_reference,  # never holds a PIN: Manifest refuses a pin-value
+        "device_configuration": str(current / DEVICE_CONFIG),
+        "not_after": manifest.not_after,
+    }
+
+
+@dataclass(frozen=True)
+class Modes:
+    """The modes of what a generation publishes; the lock, the journal and staging directories are 0600/0700
+    either way."""
+
+    directory: int  # the state directory, generations/ and each generation
+    file: int  # certificate, manifest, device configuration, identity.json
+    private_key: int
+
+    def of_file(self, name: str) -> int:
+        return self.private_key if name == PRIVATE_KEY else self.file
+
+
+PRIVATE_MODES = Modes(directory=0o700, file=0o644, private_key=0o600)
+GROUP_MODES = Modes(directory=0o750, file=0o640, private_key=0o640)  # share_with_group
+
+
 @dataclass(frozen=True)
 class Generation:
     number: int
@@ -175,37 +224,43 @@ class Generation:
 class Staging:
     """A generation being built: a 0700 directory nobody reads until Store.commit renames it into place.
 
-    Every write creates its file exclusively (O_EXCL) with its final mode and returns once the file and the
-    directory are fsync'd, so each step is on disk before the next network call. A failed write discards
-    the whole staging directory: that generation is abandoned.
+    Every write creates its file exclusively (O_EXCL) with its final mode (less what the umask takes away:
+    never more open) and returns once the file and the directory are fsync'd, so each step is on disk before
+    the next network call. A failed write discards the whole staging directory: that generation is abandoned.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, modes: Modes = PRIVATE_MODES) -> None:
+        self.path = path  # always directly in the state directory
+        self.modes = modes
 
     def __repr__(self) -> str:
         return f"Staging({str(self.path)!r})"
 
     def write_private_key(self, pem: bytes) -> Path:
-        return self._write(PRIVATE_KEY, pem, 0o600)
+        return self._write(PRIVATE_KEY, pem)
 
     def write_certificate(self, pem: bytes) -> Path:
-        return self._write(CERTIFICATE, pem, 0o644)
+        return self._write(CERTIFICATE, pem)
 
     def write_device_config(self, config: Mapping[str, str]) -> Path:
-        return self._write(DEVICE_CONFIG, _json_bytes(dict(config)), 0o644)
+        return self._write(DEVICE_CONFIG, _json_bytes(dict(config)))
 
     def write_manifest(self, manifest: Manifest) -> Path:
-        return self._write(MANIFEST, manifest.to_json(), 0o644)
+        return self._write(MANIFEST, manifest.to_json())
+
+    def write_identity(self, manifest: Manifest, *, port: int, root_ca: Path) -> Path:
+        """identity.json for local applications (see identity_document); port and root_ca from the config."""
+        document = identity_document(manifest, self.path.parent, port=port, root_ca=root_ca)
+        return self._write(IDENTITY, _json_bytes(document))
 
     @property
     def private_key(self) -> Path:
         return self.path / PRIVATE_KEY
 
     def remove_derived(self) -> None:
-        """Remove the files that are written from the journal (certificate, manifest, device configuration):
-        a crash may have left one half-written. The private key is not derived and stays."""
-        for name in (CERTIFICATE, MANIFEST, DEVICE_CONFIG):
+        """Remove the files that are written from the journal (certificate, manifest, device configuration,
+        identity.json): a crash may have left one half-written. The private key is not derived and stays."""
+        for name in (CERTIFICATE, MANIFEST, DEVICE_CONFIG, IDENTITY):
             with storage_errors("remove", self.path / name):
                 (self.path / name).unlink(missing_ok=True)
 
@@ -213,10 +268,10 @@ class Staging:
         """Remove the staging directory; best effort (recover() finishes the job), never raises."""
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def _write(self, name: str, data: bytes, mode: int) -> Path:
+    def _write(self, name: str, data: bytes) -> Path:
         path = self.path / name
         try:
-            write_new(path, data, mode=mode)
+            write_new(path, data, mode=self.modes.of_file(name))
         except StorageError:
             self.discard()
             raise
@@ -224,26 +279,33 @@ class Staging:
 
 
 class Store:
-    """The state directory. See the module docstring for the layout and the crash-safety argument."""
+    """The state directory. See the module docstring for the layout and the crash-safety argument.
 
-    def __init__(self, state_dir: Path) -> None:
+    ``share_with_group`` (the config key): generations committed from now on are readable by the group of
+    the state directory (GROUP_MODES); generations committed before keep their modes.
+    """
+
+    def __init__(self, state_dir: Path, *, share_with_group: bool = False) -> None:
         self.state_dir = state_dir
+        self.share_with_group = share_with_group
+        self.modes = GROUP_MODES if share_with_group else PRIVATE_MODES
         self._generations = state_dir / GENERATIONS
         self._current = state_dir / CURRENT
 
     def ensure(self) -> None:
-        """Create the state directory and generations/ (0700) if missing; existing ones keep their mode."""
+        """Create the state directory and generations/ if missing, with ``modes.directory`` (0700, or 0750 with
+        share_with_group), and give generations/ that mode if it has another: switching share_with_group off
+        closes every generation to the group at once. An existing state directory keeps its mode (set by an
+        administrator or systemd's StateDirectoryMode=) unless share_with_group needs it 0750."""
+        wanted = self.modes.directory
         for directory in (self.state_dir, self._generations):
             with storage_errors("create", directory):
-                directory.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    directory.mkdir(mode=0o700)
-                except FileExistsError:
-                    if directory.is_dir():
-                        continue
-                    raise
-                directory.chmod(0o700)  # mkdir's mode went through the umask
-                fsync_dir(directory.parent)
+                created = _make_directory(directory, wanted)
+            if created or (directory == self.state_dir and not self.share_with_group):
+                continue
+            with storage_errors("set the mode of", directory):
+                if stat.S_IMODE(directory.stat().st_mode) != wanted:
+                    directory.chmod(wanted)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -285,7 +347,7 @@ class Store:
 
     def stage(self) -> Staging:
         with storage_errors("create a staging directory in", self.state_dir):
-            staging = Staging(Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.state_dir)))
+            staging = Staging(Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.state_dir)), self.modes)
         try:
             with storage_errors("sync", self.state_dir):
                 fsync_dir(self.state_dir)
@@ -297,6 +359,9 @@ class Store:
     def commit(self, staging: Staging, *, publish: bool = True) -> Generation:
         """Publish ``staging`` as generations/<max + 1> and, unless ``publish`` is False, point ``current`` at it
         (with publish=False the caller switches later, e.g. once the new identity has connected).
+
+        The generation's files and directory get this store's modes first, whatever the umask was when they
+        were written (the systemd unit sets 0077) or whatever share_with_group said then (a resumed run).
 
         On failure (StorageError naming the path) ``current`` is left as it was, or put back, and the staging
         directory and any half-published generation are removed.
@@ -313,8 +378,12 @@ class Store:
             with storage_errors("list", staging.path):
                 entries = sorted(staging.path.iterdir())
             for entry in entries:
+                with storage_errors("set the mode of", entry):
+                    entry.chmod(self.modes.of_file(entry.name))
                 with storage_errors("sync", entry):
                     fsync_file(entry)
+            with storage_errors("set the mode of", staging.path):
+                staging.path.chmod(self.modes.directory)
             with storage_errors("sync", staging.path):
                 fsync_dir(staging.path)
             with storage_errors(f"rename {staging.path} to", destination):
@@ -368,7 +437,7 @@ class Store:
         path = self.state_dir / name
         if not name.startswith(STAGING_PREFIX) or "/" in name or not _is_real_dir(path):
             return None
-        return Staging(path)
+        return Staging(path, self.modes)
 
     def load(self, number: int) -> Generation:
         """Generation ``number``, checked like ``current`` is (CorruptState if it is not intact)."""
@@ -454,6 +523,7 @@ class Store:
         return Generation(number, path, manifest, path / CERTIFICATE, key)
 
     def _check_complete(self, staging: Staging) -> Manifest:
+        # identity.json is not required: it is for other applications, and older generations lack it.
         for name in (CERTIFICATE, MANIFEST):
             if not (staging.path / name).is_file():
                 raise StorageError(f"cannot commit {staging.path}: {name} is missing", step="store")
@@ -493,6 +563,20 @@ def _link_target(number: int) -> str:
 
 def _generation_number(name: str) -> Optional[int]:
     return int(name) if _GENERATION_NAME.fullmatch(name) else None
+
+
+def _make_directory(directory: Path, mode: int) -> bool:
+    """Create ``directory`` (and missing parents) with exactly ``mode``; False if it is there already."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=mode)
+    except FileExistsError:
+        if directory.is_dir():
+            return False
+        raise
+    directory.chmod(mode)  # mkdir's mode went through the umask
+    fsync_dir(directory.parent)
+    return True
 
 
 def _is_real_dir(path: Path) -> bool:

@@ -152,6 +152,8 @@ class YamlReader:
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    names = {
+        int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping", bool: "true or false",
+    }  # fmt: skip
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)

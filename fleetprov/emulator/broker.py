@@ -7,7 +7,8 @@ by tests/unit/test_amqtt_guard.py, which fails if amqtt's version of the method 
   ALPN ``x-amzn-mqtt-ca`` is offered for MQTT over port 443 as AWS does.
 * ``_handle_client_session``: identify the connection by its certificate before CONNACK, and drop an older
   connection that uses the same client id, as AWS does.
-* ``_authenticate``: only registered ACTIVE certificates whose policy allows iot:Connect get in.
+* ``_authenticate``: only registered ACTIVE certificates whose policy allows iot:Connect get in (and
+  ``enforce_certificate_status`` closes a connection whose certificate stops being ACTIVE).
 * ``_topic_filtering``: IoT policies decide publish, subscribe and receive; a denied publish or subscribe
   closes the connection, as AWS does.
 * ``_handle_message_delivery``: requests on ``$aws/...`` topics (which amqtt refuses) go to the
@@ -173,6 +174,21 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
     async def _drop(self, connection: Connection, reason: str) -> None:
         log.info("closing connection %r: %s", connection.client_id, reason)
         await connection.handler.handle_connection_closed()
+
+    async def enforce_certificate_status(self, interval: float) -> None:
+        """Close the connections of certificates that are no longer ACTIVE (changed with `fleetprov emulator
+        set-certificate-status`, or deleted), as AWS IoT does after UpdateCertificate. Runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            for connection in list(self._connections.values()):
+                if connection.identity is None:
+                    continue
+                record = self.registry.certificate(connection.identity.certificate_id)
+                status = "deleted" if record is None else record.status
+                if status != "ACTIVE":
+                    why = f"certificate {connection.identity.certificate_id[:12]} is {status}"
+                    connection.identity = None  # closed once; refused everything until it is gone
+                    await self._drop(connection, why)
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
         connection = self._connections.get(id(session))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -33,7 +34,13 @@ PublicKey = Union[rsa.RSAPublicKey, ec.EllipticCurvePublicKey]
 
 ORGANIZATION = "fleetprov emulator"
 CA_VALIDITY = dt.timedelta(days=3650)
-DEVICE_VALIDITY = dt.timedelta(days=3650)  # AWS-issued device certificates run until 2049; ten years will do
+# Device certificates (CreateCertificateFromCsr, CreateKeysAndCertificate): the default of serve's
+# --certificate-validity / certificate_validity. AWS-issued ones run until 2049; ten years will do.
+DEVICE_VALIDITY = dt.timedelta(days=3650)
+CLAIM_VALIDITY = dt.timedelta(days=3650)  # claim certificates, whatever the device certificates' validity
+BACKDATE = dt.timedelta(minutes=5)  # not_before lies this far before issue, for devices whose clock is behind
+# The latest time X.509 can express (GeneralizedTime, RFC 5280 4.1.2.5); no certificate runs longer.
+LATEST_NOT_AFTER = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
 MIN_RSA_BITS = 2048
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
@@ -80,6 +87,22 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def device_validity_problem(seconds: float, now: dt.datetime | None = None) -> str | None:
+    """Why ``seconds`` cannot be the validity of device certificates, or None if it can.
+
+    A positive, finite number of seconds whose not-after, counted from ``now``, X.509 can still express.
+    """
+    if not (math.isfinite(seconds) and seconds > 0):
+        return "must be a positive number of seconds"
+    longest = (LATEST_NOT_AFTER - (now or _now())).total_seconds()
+    if seconds > longest:
+        return (
+            f"{seconds:g} seconds is too long: certificates cannot run past "
+            f"{LATEST_NOT_AFTER:%Y-%m-%dT%H:%M:%SZ} (at most {int(longest)} seconds from now)"
+        )
+    return None
+
+
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
         [
@@ -103,14 +126,16 @@ def _builder(
     subject: x509.Name, issuer: x509.Name, public_key: PublicKey, validity: dt.timedelta
 ) -> x509.CertificateBuilder:
     now = _now()
+    # Seconds only: X.509 drops the fraction, so not_after is issue time + validity rounded down.
+    not_after = LATEST_NOT_AFTER if validity >= LATEST_NOT_AFTER - now else now + validity
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + validity)
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
 
@@ -144,11 +169,25 @@ def _leaf_extensions(
 
 
 class CertificateAuthority:
-    """A CA certificate with its key, able to sign leaf certificates."""
+    """A CA certificate with its key, able to sign leaf certificates.
 
-    def __init__(self, cert: x509.Certificate, key: PrivateKey) -> None:
+    ``device_validity`` is the lifetime of the device certificates it issues (sign_csr,
+    create_keys_and_certificate, and sign_client unless told otherwise).
+    """
+
+    def __init__(
+        self, cert: x509.Certificate, key: PrivateKey, device_validity: dt.timedelta = DEVICE_VALIDITY
+    ) -> None:
         self.cert = cert
         self.key = key
+        self.device_validity = device_validity
+
+    def with_device_validity(self, validity: dt.timedelta) -> CertificateAuthority:
+        """The same CA issuing device certificates valid for ``validity``; EmulatorError if it cannot be one."""
+        problem = device_validity_problem(validity.total_seconds())
+        if problem is not None:
+            raise EmulatorError(f"certificate validity: {problem}")
+        return CertificateAuthority(self.cert, self.key, validity)
 
     @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
@@ -161,8 +200,12 @@ class CertificateAuthority:
             raise EmulatorError(f"{key_path}: unsupported CA key type")
         return cls(cert, key)
 
-    def sign_client(self, public_key: PublicKey, common_name: str) -> IssuedCertificate:
-        builder = _builder(_name(common_name), self.cert.subject, public_key, DEVICE_VALIDITY)
+    def sign_client(
+        self, public_key: PublicKey, common_name: str, validity: dt.timedelta | None = None
+    ) -> IssuedCertificate:
+        """A client certificate valid from a little before now for ``validity`` (default: device_validity)."""
+        lifetime = self.device_validity if validity is None else validity
+        builder = _builder(_name(common_name), self.cert.subject, public_key, lifetime)
         cert = _leaf_extensions(builder, self.cert, ExtendedKeyUsageOID.CLIENT_AUTH).sign(self.key, hashes.SHA256())
         return IssuedCertificate(
             certificate_pem=_cert_pem(cert).decode(),

@@ -24,6 +24,21 @@ def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--hook", action="append", default=[], metavar="NAME=COMMAND", help="pre-provisioning hook")
     serve.add_argument("--thing-group", action="append", default=[], metavar="NAME", help="create a thing group")
     serve.add_argument("--token-ttl", type=float, metavar="SECONDS", help="ownership token lifetime (default 3600)")
+    serve.add_argument(
+        "--certificate-validity", metavar="SECONDS",
+        help="lifetime of the device certificates it issues (CreateCertificateFromCsr, CreateKeysAndCertificate): "
+        "not-after is issue time + SECONDS, not-before 5 minutes before issue; not the CAs' or the claim "
+        "certificate's (default 315360000, 3650 days)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--cloudformation", type=Path, metavar="FILE",
+        help="run the cloud side a CloudFormation template describes (configs/aws/fleetprov-cloud.yaml): its "
+        "provisioning templates, claim certificate and policy, and inline Lambda pre-provisioning hooks",
+    )  # fmt: skip
+    serve.add_argument(
+        "--parameter", action="append", default=[], metavar="KEY=VALUE",
+        help="a parameter value for --cloudformation, e.g. ClaimCertificateCsr=\"$(cat claim.csr)\"",
+    )  # fmt: skip
     serve.add_argument("--reply-delay", type=float, metavar="SECONDS", help="fault: delay every reply")
     serve.add_argument("--close-after", type=int, metavar="N", help="fault: close a connection at its N+1th publish")
     serve.add_argument("--throttle", type=float, metavar="R", help="fault: over R requests/s reply 429")
@@ -72,6 +87,10 @@ def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--token-label", help="label of the token (with --key-backend pkcs11)")
     device.add_argument("--pin-file", type=Path, help="file holding the token's user PIN, mode 0600")
     device.add_argument("--key-label", help="label of the device key in the token (default fleetprov-device)")
+    device.add_argument(
+        "--claim-key", type=Path,
+        help="the claim's private key, when the emulator issued the claim certificate from a CSR made elsewhere",
+    )  # fmt: skip
     device.set_defaults(handler=_device_config)
 
     claim = commands.add_parser("claim", help="issue another claim certificate and key into --out")
@@ -93,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         token_ttl=args.token_ttl,
+        certificate_validity=args.certificate_validity,
         templates=args.template,
         hooks=args.hook,
         reply_delay=args.reply_delay,
@@ -102,6 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
         thing_groups=args.thing_group,
         tamper=args.tamper,
         reply_overrides=args.reply_overrides,
+        cloudformation=args.cloudformation,
+        parameters=args.parameter,
     )
     asyncio.run(serve(settings))
     return EX_OK
@@ -178,6 +200,12 @@ def _device_config(args: argparse.Namespace) -> int:
     template = args.template or (templates[0] if templates else None)
     if template not in templates:
         raise EmulatorError(f"the emulator serves no template {template!r} (it serves: {', '.join(templates)})")
+    claim_key = str(args.claim_key.resolve()) if args.claim_key else endpoint.get("claim_private_key")
+    if claim_key is None:
+        raise EmulatorError(
+            "the emulator issued its claim certificate from a CSR, so it does not have the key: give --claim-key "
+            "with the key the CSR was made from"
+        )
     host = "localhost" if endpoint["host"] in ("127.0.0.1", "::1", "localhost") else endpoint["host"]
     device_state = args.state_dir_for_device or Path.cwd() / "fleetprov-state"
     config = {
@@ -185,7 +213,7 @@ def _device_config(args: argparse.Namespace) -> int:
         "port": endpoint["port"],
         "root_ca": endpoint["root_ca"],
         "mqtt_version": args.protocol,
-        "claim": {"certificate": endpoint["claim_certificate"], "private_key": endpoint["claim_private_key"]},
+        "claim": {"certificate": endpoint["claim_certificate"], "private_key": claim_key},
         "provisioning": {
             "template": template,
             "method": args.method,

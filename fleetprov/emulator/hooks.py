@@ -56,6 +56,8 @@ async def run_hook(
     if process.returncode != 0:
         log.warning("pre-provisioning hook exited %s: %s", process.returncode, stderr[-500:].decode(errors="replace"))
         return HookDecision(False, f"pre-provisioning hook failed (exit status {process.returncode})")
+    if stderr.strip():  # what a hook logs (a Lambda's prints), as CloudWatch Logs would keep it
+        log.info("pre-provisioning hook log: %s", stderr[-500:].decode(errors="replace").strip())
     return parse_hook_output(stdout[:MAX_OUTPUT_BYTES])
 
 

@@ -4,7 +4,8 @@ SIGTERM/SIGINT, then remove ``endpoint.json`` so that nobody waits on a stale on
 State directory layout::
 
     ca/            root CA, issuing CA, server certificate (see ca.py)
-    claim/         claim.pem, claim.key: the fleet's claim certificate
+    claim/         claim.pem, claim.key: the fleet's claim certificate (no claim.key when issued from a CSR)
+    lambda/        the inline Lambda functions of a CloudFormation file, run as pre-provisioning hooks
     registry.sqlite
     endpoint.json  written atomically once the broker listens
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import signal
@@ -21,27 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from cryptography import x509
-
-from fleetprov.atomicio import write_atomic, write_new_private
+from fleetprov.atomicio import write_atomic
 from fleetprov.emulator.broker import EmulatorBroker
-from fleetprov.emulator.ca import (
-    CaMaterial,
-    certificate_id,
-    ensure_ca_material,
-    new_client_key,
-    private_key_pem,
-)
+from fleetprov.emulator.ca import CaMaterial, device_validity_problem, ensure_ca_material
+from fleetprov.emulator.claims import ClaimFiles, existing_claim, issue_claim
+from fleetprov.emulator.cloudformation import CloudStack, read_stack
 from fleetprov.emulator.faults import Faults
 from fleetprov.emulator.policy import Policy, PolicyError, claim_policy_document
 from fleetprov.emulator.registry import Registry
 from fleetprov.emulator.service import ProvisioningService
 from fleetprov.emulator.settings import (
+    DEFAULT_CERTIFICATE_VALIDITY,
     DEFAULT_TEMPLATE_NAME,
     DEFAULT_TEMPLATE_PATH,
     EmulatorSettings,
     TemplateSource,
 )
+from fleetprov.emulator.stack_setup import install_stack, served_templates
 from fleetprov.emulator.templates import TemplateError, parse_template
 from fleetprov.errors import ConfigError, EmulatorError
 
@@ -49,13 +47,7 @@ log = logging.getLogger(__name__)
 
 CLAIM_POLICY_NAME = "fleetprov-claim-policy"
 SWEEP_INTERVAL_SECONDS = 5.0  # at most; shorter when tokens live shorter (tests)
-
-
-@dataclass(frozen=True)
-class ClaimFiles:
-    certificate: Path
-    private_key: Path
-    certificate_id: str
+STATUS_POLL_SECONDS = 1.0  # how soon a connection closes after its certificate stops being ACTIVE
 
 
 def open_registry(state_dir: Path) -> Registry:
@@ -67,52 +59,78 @@ def create_claim(
     registry: Registry, material: CaMaterial, out_dir: Path, templates: Optional[tuple[str, ...]]
 ) -> ClaimFiles:
     """Issue a claim certificate and key into ``out_dir``, registered ACTIVE with the claim policy."""
-    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = new_client_key()
-    issued = material.issuing.sign_client(key.public_key(), "fleetprov claim certificate")
-    files = ClaimFiles(out_dir / "claim.pem", out_dir / "claim.key", issued.certificate_id)
-    write_new_private(files.private_key, private_key_pem(key).encode())
-    write_atomic(files.certificate, issued.certificate_pem.encode())
     with registry.transaction():
-        registry.add_certificate(
-            issued.certificate_id, issued.certificate_pem, status="ACTIVE", kind="claim", created_at=time.time()
-        )
+        files = issue_claim(registry, material, out_dir)
         registry.put_policy(CLAIM_POLICY_NAME, json.dumps(claim_policy_document(templates), sort_keys=True))
-        registry.attach_policy(CLAIM_POLICY_NAME, issued.certificate_id)
+        registry.attach_policy(CLAIM_POLICY_NAME, files.certificate_id)
     return files
 
 
-def prepare_state(settings: EmulatorSettings) -> tuple[CaMaterial, Registry, ClaimFiles]:
+@dataclass(frozen=True)
+class PreparedState:
+    material: CaMaterial
+    registry: Registry
+    claim: ClaimFiles
+    templates: list[str]  # what endpoint.json lists: the CloudFormation file's templates first
+
+
+def prepare_state(settings: EmulatorSettings) -> PreparedState:
     """First run: create CAs, claim and registry. Later runs: reuse them and load templates again."""
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stack = _read_stack(settings)  # before anything changes: a file the emulator cannot run changes nothing
     material = ensure_ca_material(settings.state_dir)
     registry = open_registry(settings.state_dir)
-    claim_dir = settings.state_dir / "claim"
-    if (claim_dir / "claim.pem").exists():
-        claim = _existing_claim(claim_dir, registry)
-    else:
-        claim = create_claim(registry, material, claim_dir, settings.claim_templates)
-    # The claim policy follows the current settings, so a restricted claim can be widened again.
-    registry.put_policy(CLAIM_POLICY_NAME, json.dumps(claim_policy_document(settings.claim_templates), sort_keys=True))
+    claim = None
+    if stack is not None:
+        claim = install_stack(stack, registry, material, settings.state_dir, region=settings.region)
+    if claim is None:
+        # Without a claim certificate in a CloudFormation file, the claim gets the built-in claim policy: for the
+        # file's templates, or those of claim_templates.
+        claim_templates = settings.claim_templates if stack is None else tuple(served_templates(stack))
+        claim = _builtin_claim(registry, material, settings.state_dir / "claim", claim_templates)
     _load_templates(registry, settings)
     _load_policies(registry, settings)
     registry.add_named("thing_groups", settings.thing_groups)
     registry.add_named("thing_types", settings.thing_types)
     registry.add_named("billing_groups", settings.billing_groups)
-    return material, registry, claim
+    first = served_templates(stack) if stack is not None else []
+    templates = first + [name for name in registry.template_names() if name not in first]
+    return PreparedState(material, registry, claim, templates)
+
+
+def _read_stack(settings: EmulatorSettings) -> Optional[CloudStack]:
+    if settings.cloudformation is None:
+        return None
+    return read_stack(
+        settings.cloudformation,
+        dict(settings.cloudformation_parameters),
+        region=settings.region,
+        account=settings.account,
+    )
+
+
+def _builtin_claim(
+    registry: Registry, material: CaMaterial, claim_dir: Path, templates: Optional[tuple[str, ...]]
+) -> ClaimFiles:
+    if (claim_dir / "claim.pem").exists():
+        claim = _existing_claim(claim_dir, registry)
+    else:
+        claim = create_claim(registry, material, claim_dir, templates)
+    # The claim policy follows the current settings, so a restricted claim can be widened again.
+    registry.put_policy(CLAIM_POLICY_NAME, json.dumps(claim_policy_document(templates), sort_keys=True))
+    return claim
 
 
 def _existing_claim(claim_dir: Path, registry: Registry) -> ClaimFiles:
-    pem = (claim_dir / "claim.pem").read_bytes()
-    cert_id = certificate_id(x509.load_pem_x509_certificate(pem))
-    if registry.certificate(cert_id) is None:
+    found = existing_claim(claim_dir, registry)
+    if found is None:
         raise EmulatorError(f"{claim_dir / 'claim.pem'} is not in {registry.path}: remove the state directory")
-    return ClaimFiles(claim_dir / "claim.pem", claim_dir / "claim.key", cert_id)
+    return found[0]
 
 
 def _load_templates(registry: Registry, settings: EmulatorSettings) -> None:
     sources = list(settings.templates)
-    if not registry.template_names() and not any(source.path for source in sources):
+    if not registry.template_names() and not any(source.path for source in sources) and not settings.cloudformation:
         # First run without templates: install the demo one (a --hook may still name it).
         sources.insert(0, TemplateSource(DEFAULT_TEMPLATE_NAME, DEFAULT_TEMPLATE_PATH))
     for source in sources:
@@ -157,7 +175,8 @@ def endpoint_document(settings: EmulatorSettings, port: int, material: CaMateria
         "port": port,
         "root_ca": str(material.paths.root_cert.resolve()),
         "claim_certificate": str(claim.certificate.resolve()),
-        "claim_private_key": str(claim.private_key.resolve()),
+        # None when the claim was issued from a CSR: its key stays where the CSR was made.
+        "claim_private_key": str(claim.private_key.resolve()) if claim.private_key is not None else None,
         "claim_certificate_id": claim.certificate_id,
         "templates": templates,
         "region": settings.region,
@@ -165,15 +184,20 @@ def endpoint_document(settings: EmulatorSettings, port: int, material: CaMateria
 
 
 async def serve(settings: EmulatorSettings, stop: Optional[asyncio.Event] = None) -> None:
-    material, registry, claim = prepare_state(settings)
+    problem = device_validity_problem(settings.certificate_validity)
+    if problem is not None:  # settings made in code rather than by load_settings/with_flags
+        raise ConfigError(f"certificate_validity {settings.certificate_validity}: {problem}", step="config")
+    state = prepare_state(settings)
+    material, registry, claim = state.material, state.registry, state.claim
     endpoint_path = settings.state_dir / "endpoint.json"
     with contextlib.suppress(FileNotFoundError):
         endpoint_path.unlink()
     client_ca_bundle = settings.state_dir / "ca" / "client-ca-bundle.pem"
     write_atomic(client_ca_bundle, material.paths.issuing_cert.read_bytes() + material.paths.root_cert.read_bytes())
     faults = Faults(settings.faults)
+    issuer = material.issuing.with_device_validity(dt.timedelta(seconds=settings.certificate_validity))
     service = ProvisioningService(
-        registry, material.issuing, faults, token_ttl=settings.token_ttl, region=settings.region,
+        registry, issuer, faults, token_ttl=settings.token_ttl, region=settings.region,
         account=settings.account,
     )  # fmt: skip
     broker = EmulatorBroker(
@@ -209,17 +233,19 @@ async def serve(settings: EmulatorSettings, stop: Optional[asyncio.Event] = None
     broker.require_alpn = port == 443
     stop = stop or _stop_on_signals()
     sweeper = asyncio.ensure_future(_sweep_expired(registry, min(SWEEP_INTERVAL_SECONDS, settings.token_ttl / 2)))
+    enforcer = asyncio.ensure_future(broker.enforce_certificate_status(STATUS_POLL_SECONDS))
     try:
         write_atomic(
             endpoint_path,
-            json.dumps(
-                endpoint_document(settings, port, material, claim, registry.template_names()), indent=2
-            ).encode(),
+            json.dumps(endpoint_document(settings, port, material, claim, state.templates), indent=2).encode(),
         )
         log.info("emulator listening on %s:%s (state %s)", settings.host, port, settings.state_dir)
+        if settings.certificate_validity != DEFAULT_CERTIFICATE_VALIDITY:
+            log.info("device certificates are valid for %g seconds", settings.certificate_validity)
         await stop.wait()
     finally:
         sweeper.cancel()
+        enforcer.cancel()
         with contextlib.suppress(FileNotFoundError):
             endpoint_path.unlink()
         await broker.shutdown()

@@ -11,14 +11,16 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+from fleetprov.emulator.ca import DEVICE_VALIDITY, device_validity_problem
 from fleetprov.emulator.faults import OPERATIONS, FaultConfig, ForcedRejection
-from fleetprov.errors import ConfigError
+from fleetprov.errors import ConfigError, printable
 from fleetprov.yamlread import YamlReader, load_yaml_mapping
 
 DEFAULT_TEMPLATE_NAME = "fleetprov-demo"
 DEFAULT_TEMPLATE_PATH = Path(__file__).parent / "data" / "demo-template.json"
+DEFAULT_CERTIFICATE_VALIDITY = DEVICE_VALIDITY.total_seconds()  # 3650 days
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class EmulatorSettings:
     host: str = "127.0.0.1"
     port: int = 0
     token_ttl: float = 3600.0
+    certificate_validity: float = DEFAULT_CERTIFICATE_VALIDITY  # seconds; device certificates only
     region: str = "us-east-1"
     account: str = "123456789012"
     templates: tuple[TemplateSource, ...] = ()
@@ -44,6 +47,8 @@ class EmulatorSettings:
     policies: tuple[tuple[str, Path], ...] = ()  # (name, JSON file) of IoT policies templates refer to by name
     claim_templates: Optional[tuple[str, ...]] = None  # None: the claim may use every template
     faults: FaultConfig = field(default_factory=FaultConfig)
+    cloudformation: Optional[Path] = None  # a CloudFormation template the emulator runs (cloudformation.py)
+    cloudformation_parameters: tuple[tuple[str, str], ...] = ()  # its parameter values (name, value)
 
 
 def load_settings(path: Optional[Path], state_dir: Path) -> EmulatorSettings:
@@ -55,8 +60,8 @@ def load_settings(path: Optional[Path], state_dir: Path) -> EmulatorSettings:
 def _parse(top: YamlReader, state_dir: Path, base: Path) -> EmulatorSettings:
     top.check_keys(
         [
-            "host", "port", "token_ttl", "region", "account", "templates", "thing_groups", "thing_types",
-            "billing_groups", "claim_templates", "faults", "policies",
+            "host", "port", "token_ttl", "certificate_validity", "region", "account", "templates", "thing_groups",
+            "thing_types", "billing_groups", "claim_templates", "faults", "policies", "cloudformation",
         ]
     )  # fmt: skip
     port = top.get("port", int, 0)
@@ -65,11 +70,19 @@ def _parse(top: YamlReader, state_dir: Path, base: Path) -> EmulatorSettings:
     token_ttl = top.number("token_ttl", 3600.0)
     if not (math.isfinite(token_ttl) and token_ttl > 0):
         raise top.error("token_ttl", "must be a positive number of seconds")
+    certificate_validity = top.number("certificate_validity", DEFAULT_CERTIFICATE_VALIDITY)
+    problem = device_validity_problem(certificate_validity)
+    if problem is not None:
+        raise top.error("certificate_validity", problem)
+    cloudformation, parameters = _cloudformation(top, base)
+    if cloudformation is not None and top.data.get("claim_templates") is not None:
+        raise top.error("claim_templates", "the claim's policy comes from the cloudformation file: leave this out")
     return EmulatorSettings(
         state_dir=state_dir,
         host=top.get("host", str, "127.0.0.1"),
         port=port,
         token_ttl=token_ttl,
+        certificate_validity=certificate_validity,
         region=top.get("region", str, "us-east-1"),
         account=_account(top),
         templates=_templates(top, base),
@@ -79,7 +92,28 @@ def _parse(top: YamlReader, state_dir: Path, base: Path) -> EmulatorSettings:
         policies=_policies(top, base),
         claim_templates=top.strings("claim_templates"),
         faults=_faults(top.child("faults"), base),
+        cloudformation=cloudformation,
+        cloudformation_parameters=parameters,
     )
+
+
+def _cloudformation(top: YamlReader, base: Path) -> tuple[Optional[Path], tuple[tuple[str, str], ...]]:
+    section = top.child("cloudformation")
+    if section is None:
+        return None, ()
+    section.check_keys(["file", "parameters"])
+    path_text = section.get("file", str)
+    if path_text is None:
+        raise section.error("file", "missing: the CloudFormation template to run")
+    parameters = section.child("parameters")
+    if parameters is None:
+        return base / path_text, ()
+    values = []
+    for key, value in parameters.data.items():
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise parameters.error(str(key), "expected a string or a number (quote true and false)")
+        values.append((str(key), str(value)))
+    return base / path_text, tuple(values)
 
 
 def _account(top: YamlReader) -> str:
@@ -217,6 +251,9 @@ def with_flags(
     thing_groups: Sequence[str],
     tamper: Sequence[str] = (),
     reply_overrides: Optional[Path] = None,
+    certificate_validity: Union[str, float, None] = None,
+    cloudformation: Optional[Path] = None,
+    parameters: Sequence[str] = (),
 ) -> EmulatorSettings:
     """Command-line flags win over the YAML file."""
     sources = {source.name: source for source in settings.templates}
@@ -243,15 +280,52 @@ def with_flags(
         raise ConfigError(f"--token-ttl {token_ttl}: must be a positive number of seconds", step="config")
     if port is not None and not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}: not a TCP port", step="config")
+    validity = settings.certificate_validity if certificate_validity is None else _validity_flag(certificate_validity)
+    stack_file = cloudformation or settings.cloudformation
+    if parameters and stack_file is None:
+        raise ConfigError("--parameter: gives a value to a parameter of --cloudformation FILE, and there is none",
+                          step="config")  # fmt: skip
+    if cloudformation is not None and settings.claim_templates is not None:
+        raise ConfigError("--cloudformation: the claim's policy comes from the file, so claim_templates cannot be set",
+                          step="config")  # fmt: skip
+    # The YAML's parameters are for the YAML's file; another file on the command line starts without them.
+    same_file = cloudformation is None or cloudformation == settings.cloudformation
+    stack_parameters = dict(settings.cloudformation_parameters if same_file else ())
+    stack_parameters.update(_parameter_flag(text) for text in parameters)
     return replace(
         settings,
         host=host or settings.host,
         port=settings.port if port is None else port,
         token_ttl=settings.token_ttl if token_ttl is None else token_ttl,
+        certificate_validity=validity,
         templates=tuple(sources.values()),
         thing_groups=settings.thing_groups + tuple(thing_groups),
         faults=faults,
+        cloudformation=stack_file,
+        cloudformation_parameters=tuple(stack_parameters.items()),
     )
+
+
+def _parameter_flag(text: str) -> tuple[str, str]:
+    """``--parameter KEY=VALUE``; the value may be empty and may hold "=" (a PEM CSR does)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"--parameter {printable(text, 40)}: expected KEY=VALUE", step="config")
+    return name, value
+
+
+def _validity_flag(value: Union[str, float]) -> float:
+    """``--certificate-validity SECONDS``: argparse hands over the text, so that "abc" is a configuration
+    error (exit 78) like any other bad value rather than a usage error."""
+    shown = printable(str(value))
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"--certificate-validity {shown}: not a number of seconds", step="config") from None
+    problem = device_validity_problem(seconds)
+    if problem is not None:
+        raise ConfigError(f"--certificate-validity {shown}: {problem}", step="config")
+    return seconds
 
 
 def _name_value(flag: str, text: str) -> tuple[str, str]:

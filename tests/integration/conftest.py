@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.agentprocess import start_agent  # noqa: F401 -- a fixture for the daemon tests
 from tests.support import Emulator, start_emulator
 
 

@@ -33,7 +33,7 @@ import pytest
 from tests.integration.test_once import _check_stored_identity
 from tests.support import Emulator, device_config, fleetprov
 
-GENERATION_FILES = {"certificate.pem", "private.key", "manifest.json", "device-config.json"}
+GENERATION_FILES = {"certificate.pem", "private.key", "manifest.json", "device-config.json", "identity.json"}
 STATE_ENTRIES = {"lock", "last-run.json", "generations", "current"}
 
 
@@ -86,6 +86,7 @@ POINTS = [
     _csr("mid-write:certificate.pem", "certificate.pem half-written in staging, journal 'registered'", issued=True),
     _csr("mid-write:device-config.json", "device-config.json half-written in staging", issued=True),
     _csr("mid-write:manifest.json", "manifest.json half-written in staging", issued=True),
+    _csr("mid-write:identity.json", "identity.json half-written in staging", issued=True),
     _csr("before-verify", "staging complete, journal 'registered', before the new identity connects", issued=True),
     _csr("before-commit", "the new identity connected from staging, not yet renamed to generations/<n>", issued=True),
     _csr(

@@ -156,7 +156,8 @@ def _clear_failure(result: subprocess.CompletedProcess[str], path_prefix: Path, 
         (2, ("private.key",), 0),  # pid and journal; none for the device key
         (3, ("journal.json",), 0),  # "key-ready": the new journal beside the old one
         (4, ("device-config.json",), 1),  # after RegisterThing: certificate.pem fits, device-config.json not
-        (5, ("manifest.json",), 1),  # the last file; with one page more the run succeeds (below)
+        (5, ("manifest.json",), 1),
+        (6, ("identity.json",), 1),  # the last file; with one page more the run succeeds (below)
     ],
 )
 def test_full_disk_at_first_provisioning(
@@ -178,11 +179,11 @@ def test_full_disk_at_first_provisioning(
 
 
 def test_just_enough_room_provisions(emulator: Emulator, tmpfs: Path, tmp_path: Path) -> None:
-    """Six free pages hold everything a first provisioning writes: the commit is a rename, the journal's
+    """Seven free pages hold everything a first provisioning writes: the commit is a rename, the journal's
     removal frees a page, and last-run.json is best effort."""
     state = tmpfs / "state"
     config = _device(emulator, tmp_path / "device", "enospc-enough", state)
-    _fill(tmpfs, 6)
+    _fill(tmpfs, 7)
     result = fleetprov("--once", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "provisioned: thing fleetprov-enospc-enough" in result.stdout

@@ -100,3 +100,77 @@ def test_version() -> None:
     result = fleetprov("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("fleetprov 0.")
+
+
+def test_certificate_validity_makes_short_lived_device_certificates(tmp_path: Path) -> None:
+    """`serve --certificate-validity 120`: the device certificate's not-after is its issue time + 120 s."""
+    import datetime as dt
+    import subprocess
+    import time
+
+    from tests.support import device_config
+
+    emulator = start_emulator(tmp_path / "emulator", "--certificate-validity", "120")
+    try:
+        config = device_config(emulator, tmp_path / "device", "--serial", "short-lived")
+        before = time.time()
+        result = fleetprov("--once", "--config", str(config))
+        after = time.time()
+        assert result.returncode == 0, result.stderr
+        assert "device certificates are valid for 120 seconds" in emulator.log()
+
+        current = tmp_path / "device" / "state" / "current"
+        manifest = json.loads((current / "manifest.json").read_text())
+        [record] = [c for c in emulator.admin("certificates") if c["certificateId"] == manifest["certificate_id"]]
+        claim = [c for c in emulator.admin("certificates") if c["kind"] == "claim"]
+    finally:
+        assert emulator.stop() == 0, emulator.log()
+
+    def openssl_date(option: str, cert: Path) -> float:
+        out = subprocess.run(
+            ["openssl", "x509", option, "-noout", "-in", str(cert)], check=True, capture_output=True, text=True
+        ).stdout.strip()  # notAfter=Nov 23 16:38:17 2026 GMT
+        moment = dt.datetime.strptime(out.split("=", 1)[1], "%b %d %H:%M:%S %Y GMT")
+        return moment.replace(tzinfo=dt.timezone.utc).timestamp()
+
+    not_after = openssl_date("-enddate", current / "certificate.pem")
+    not_before = openssl_date("-startdate", current / "certificate.pem")
+    # The issue time, from the registry (recorded right after signing) and from the clock around the run.
+    # not-before is backdated a little, so it is not the issue time; X.509 keeps whole seconds.
+    issued_at = record["createdAt"]
+    assert before - 1 <= issued_at <= after
+    assert 118 <= not_after - issued_at <= 120.5
+    assert before + 119 <= not_after <= after + 120
+    assert not_before <= issued_at
+    assert manifest["not_after"] == dt.datetime.fromtimestamp(not_after, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Device certificates only: the claim keeps its years.
+    assert len(claim) == 1
+    claim_end = openssl_date("-enddate", emulator.claim_cert)
+    assert claim_end - before > 3000 * 86400
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--certificate-validity", "0"], "--certificate-validity 0: must be a positive number of seconds"),
+        (["--certificate-validity", "-5"], "--certificate-validity -5: must be a positive number of seconds"),
+        (["--certificate-validity", "soon"], "--certificate-validity soon: not a number of seconds"),
+        (["--certificate-validity", "1e20"], "--certificate-validity 1e20: 1e+20 seconds is too long"),
+        (["--config", "{tmp}/e.yaml"], "e.yaml: certificate_validity: must be a positive number of seconds"),
+    ],
+)
+def test_bad_certificate_validity(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "e.yaml").write_text("certificate_validity: -1\n")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    result = fleetprov("emulator", "serve", "--state-dir", str(tmp_path / "s"), *argv)
+    assert result.returncode == 78, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_serve_help_documents_certificate_validity() -> None:
+    result = fleetprov("emulator", "serve", "--help")
+    assert result.returncode == 0
+    assert "--certificate-validity SECONDS" in result.stdout
+    assert "device certificates" in " ".join(result.stdout.split())

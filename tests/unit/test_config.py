@@ -499,7 +499,10 @@ def test_env_errors_name_the_variable_and_the_key(tmp_path: Path, name: str, val
     ("name", "message"),
     [
         ("FLEETPROV_PROXY__HOTS", r"proxy: no key 'HOTS' \(known: host, port, username, password\)$"),
-        ("FLEETPROV_CLAIM__CERT", r"claim: no key 'CERT' \(known: certificate, private_key, client_id\)$"),
+        (
+            "FLEETPROV_CLAIM__CERT",
+            r"claim: no key 'CERT' \(known: certificate, private_key, client_id, remove_after_success\)$",
+        ),
         ("FLEETPROV_PORT__NUMBER", r"port: not a section, it has no key 'NUMBER'$"),
         ("FLEETPROV_PROVISIONING__PARAMETERS__STATIC__A__B", r"provisioning\.parameters\.static\.A: not a section"),
         ("FLEETPROV_PROVISIONING__PARAMETERS__STATIC__", r"provisioning\.parameters\.static: empty template param"),
@@ -627,7 +630,7 @@ def test_render_redacts_the_password_and_keeps_the_layout(tmp_path: Path) -> Non
     assert set(rendered) == {
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
         "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout", "keys",
-        "daemon", "hooks",
+        "daemon", "hooks", "share_with_group",
     }  # fmt: skip
     assert rendered["retry"] == {
         "initial_delay": 1.0,
@@ -871,3 +874,61 @@ def test_claim_key_in_a_token(tmp_path: Path) -> None:
     bad = MINIMAL_YAML.replace("private_key: /claim.key", "private_key: 'pkcs11:token=t;id=%01?pin-value=1'")
     with pytest.raises(ConfigError, match=r": claim\.private_key: not a usable PKCS#11 URI"):
         load(write(tmp_path / "bad", bad + TOKEN_YAML))
+
+
+# --- the daemon's identity keeping, the claim's removal --------------------------------------------
+
+
+def test_daemon_identity_keys(tmp_path: Path) -> None:
+    daemon = load(minimal(tmp_path)).daemon
+    assert (daemon.reprovision_after, daemon.rotate_before, daemon.rotation_template) == (3, 2592000.0, None)
+    daemon = load(
+        minimal(tmp_path, "daemon:\n  reprovision_after: 0\n  rotate_before: 0\n  rotation_template: Rot_1\n"),
+        {"FLEETPROV_DAEMON__ROTATE_BEFORE": "86400"},
+    ).daemon
+    assert (daemon.reprovision_after, daemon.rotate_before, daemon.rotation_template) == (0, 86400.0, "Rot_1")
+
+
+def test_claim_removal(tmp_path: Path) -> None:
+    assert load(minimal(tmp_path)).claim.remove_after_success is False
+    path = write(
+        tmp_path, MINIMAL_YAML.replace("private_key: /claim.key}", "private_key: /k, remove_after_success: true}")
+    )
+    assert load(path).claim.remove_after_success is True
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("daemon:\n  reprovision_after: -1\n", r"daemon\.reprovision_after: must be 0 \(never\) or a positive count"),
+        ("daemon:\n  reprovision_after: 1.5\n", r"daemon\.reprovision_after: expected an integer"),
+        ("daemon:\n  rotate_before: -5\n", r"daemon\.rotate_before: must be 0 \(never\) or a positive number"),
+        ("daemon:\n  rotate_before: .nan\n", r"daemon\.rotate_before: must be 0 \(never\) or a positive number"),
+        ("daemon:\n  rotation_template: 'a/b'\n", r"daemon\.rotation_template: not a template name"),
+        ("claim:\n  remove_after_success: yes please\n", r"claim\.remove_after_success: expected true or false"),
+    ],
+)
+def test_daemon_identity_errors(tmp_path: Path, text: str, message: str) -> None:
+    base = (
+        MINIMAL_YAML
+        if not text.startswith("claim")
+        else MINIMAL_YAML.replace(
+            "claim: {certificate: /claim.crt, private_key: /claim.key}\n",
+            "claim:\n  certificate: /claim.crt\n  private_key: /claim.key\n",
+        )
+    )
+    source = base + text if not text.startswith("claim") else base.replace("claim:\n", "claim:\n" + text[7:], 1)
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, source))
+
+
+def test_a_claim_key_in_a_token_is_not_removed(tmp_path: Path) -> None:
+    source = (
+        MINIMAL_YAML.replace(
+            "private_key: /claim.key}",
+            "private_key: 'pkcs11:token=t;object=claim;type=private', remove_after_success: true}",
+        )
+        + "keys:\n  pkcs11: {library: /lib.so, token_label: t, key_label: k, pin_env: PIN}\n"
+    )
+    with pytest.raises(ConfigError, match=r"claim\.remove_after_success: fleetprov removes claim key files only"):
+        load(write(tmp_path, source))

@@ -1,0 +1,50 @@
+"""fleetprov.keys.token_process: a key made in the token by a child process (real SoftHSM2), and the child's
+errors carried back with their exit code, the PIN in none of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fleetprov.keys.token_process import ChildFailed, prepare_in_child
+from tests.softhsm import make_token
+
+
+def test_key_made_in_the_child_and_found_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = make_token(tmp_path / "hsm", monkeypatch, pin="child-pin-42")
+    monkeypatch.setenv("TEST_PIN", token.pin)
+    settings = dataclasses.replace(token.settings(), key_label="device-g2", pin_env="TEST_PIN", pin_file=None)
+    first = prepare_in_child(settings, "ec-p256", "thing-1", os.environ)
+    assert "object=device-g2" in first.key_reference and "pin" not in first.key_reference
+    csr = x509.load_pem_x509_csr(first.csr_pem.encode())
+    assert csr.is_signature_valid
+    assert (
+        csr.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        == first.public_key_der
+    )
+    again = prepare_in_child(settings, "ec-p256", "thing-1", os.environ)  # a rerun finds the same key
+    assert again.public_key_der == first.public_key_der
+
+
+def test_wrong_pin_comes_back_as_exit_78(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = make_token(tmp_path / "hsm", monkeypatch, pin="right-pin-77")
+    monkeypatch.setenv("TEST_PIN", "wrong-pin-00")
+    settings = dataclasses.replace(token.settings(), pin_env="TEST_PIN", pin_file=None)
+    with pytest.raises(ChildFailed) as failed:
+        prepare_in_child(settings, "ec-p256", "thing-1", os.environ)
+    assert failed.value.exit_code == 78 and not failed.value.transient
+    assert "PIN" in failed.value.message and "wrong-pin-00" not in failed.value.message
+
+
+def test_a_child_that_dies_is_a_transient_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = make_token(tmp_path / "hsm", monkeypatch)
+    monkeypatch.setattr("sys.executable", "/bin/false")  # exits 1 and answers nothing
+    with pytest.raises(ChildFailed) as failed:
+        prepare_in_child(token.settings(), "ec-p256", "thing-1", os.environ)
+    assert failed.value.exit_code == 75 and failed.value.transient
+    assert "answered nothing usable" in failed.value.message

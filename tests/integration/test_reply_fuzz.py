@@ -54,6 +54,9 @@ UNCHANGED = object()  # a field the override leaves as the service sent it
 
 # A clear failure: the last line of stderr, one line, printable, naming the step.
 ERROR_LINE = re.compile(r"fleetprov: (?P<step>[a-z][a-z-]*): (?P<message>.+)")
+# The `slow` run's budget per operation: bounded for CI (about a minute each); raise it for a longer local run,
+# e.g. FLEETPROV_FUZZ_EXAMPLES=2000 make test.
+AT_LENGTH_EXAMPLES = int(os.environ.get("FLEETPROV_FUZZ_EXAMPLES", "120"))
 FUZZ_RETRY = {"initial_delay": 0.05, "max_delay": 0.1, "max_attempts": 2, "budget": 5}
 
 # --- somebody else's identity, and keys of the wrong kind ----------------------------------------
@@ -400,7 +403,7 @@ def test_random_replies(fuzz: Fuzz, operation: str, data: st.DataObject) -> None
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("operation", [CSR, KEYS, REGISTER])
-@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@settings(max_examples=AT_LENGTH_EXAMPLES, deadline=None, derandomize=True, database=None)
 @given(data=st.data())
 def test_random_replies_at_length(fuzz: Fuzz, operation: str, data: st.DataObject) -> None:
     fuzz_one(fuzz, operation, data)

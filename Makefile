@@ -6,8 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := openssl mosquitto mosquitto-clients tinyproxy faketime softhsm2 systemd procps
+# The Debian package (make deb) and its test: build, lint, and a Debian 12 root to install it into.
+DEB_PACKAGES += build-essential dpkg-dev debhelper python3.11 python3-pip ca-certificates lintian debootstrap
 
-.PHONY: demo test lint typecheck unit integration bench deps clean
+.PHONY: demo test lint typecheck unit integration bench deps clean deb
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +28,11 @@ test: deps
 	$(BIN)/ruff format --check fleetprov tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The Debian package, with dpkg-buildpackage, in build/deb (packaging/README.md); needs no venv.
+deb:
+	@bash scripts/install-debian-packages.sh build-essential dpkg-dev debhelper python3.11 python3-pip ca-certificates
+	bash scripts/build-deb.sh build/deb
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/emulator_throughput.py

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fleetprov import __version__
-from fleetprov.errors import EX_OK, EX_USAGE, FleetprovError
+from fleetprov.errors import EX_OK, EX_USAGE, ConfigError, FleetprovError
+from fleetprov.selfexec import python_command
 
 log = logging.getLogger("fleetprov")
 
@@ -84,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _emulator(args: argparse.Namespace) -> int:
-    from fleetprov.emulator.cli import add_emulator_commands
+    try:
+        from fleetprov.emulator.cli import add_emulator_commands
+    except ImportError as exc:  # the device package has no emulator
+        raise ConfigError(
+            f"the emulator is not installed here ({exc.name} is missing): pip install 'fleetprov[emulator]'",
+            step="emulator",
+        ) from None
 
     parser = argparse.ArgumentParser(
         prog="fleetprov emulator", description="Local emulator of the AWS IoT fleet-provisioning endpoint."
@@ -132,9 +139,10 @@ def _run(args: argparse.Namespace) -> int:
     from fleetprov.daemon import run
 
     _load_config(args)  # a bad configuration fails at once, before anything starts
-    reprovision = [sys.executable, "-m", "fleetprov", "--config", str(config_path(args).absolute()), "reprovision"]
-    if args.verbose:
-        reprovision.insert(3, "--verbose")
+    verbose = ["--verbose"] if args.verbose else []
+    reprovision = python_command(
+        "-m", "fleetprov", *verbose, "--config", str(config_path(args).absolute()), "reprovision"
+    )
     result: int = asyncio.run(run(lambda: _load_config(args), os.environ, reprovision))
     return result
 

@@ -16,17 +16,22 @@ import yaml
 from fleetprov.errors import ConfigError, printable
 
 
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of a configuration file; ConfigError naming the file if it cannot be read or decoded."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}", step="config") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})", step="config") from exc
+
+
 def load_yaml_mapping(path: Path) -> dict[Any, Any]:
     """The top-level mapping of a YAML file; an empty file is an empty mapping.
 
     Keys are whatever YAML made of them (``123:`` is an int); YamlReader names any unknown one.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}", step="config") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})", step="config") from exc
+    text = read_text_file(path)
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as exc:

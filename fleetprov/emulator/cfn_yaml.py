@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from fleetprov.errors import ConfigError
-from fleetprov.yamlread import describe_yaml_error
+from fleetprov.yamlread import describe_yaml_error, read_text_file
 
 
 class _CloudFormationLoader(yaml.SafeLoader):
@@ -68,12 +68,7 @@ def parse_cloudformation(text: str) -> Any:
 
 def load_cloudformation(path: Path) -> dict[str, Any]:
     """The template in ``path`` as a mapping; ConfigError naming the file if it cannot be one."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}", step="config") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})", step="config") from exc
+    text = read_text_file(path)
     try:
         document = parse_cloudformation(text)
     except yaml.YAMLError as exc:

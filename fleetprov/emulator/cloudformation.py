@@ -22,10 +22,8 @@ from typing import Any, Optional
 
 from fleetprov.emulator.ca import CsrRejected, validate_csr
 from fleetprov.emulator.cfn_functions import (
-    NO_VALUE,
     CloudFormationError,
     Evaluator,
-    Json,
     MissingParameterValue,
     Scope,
     brief,
@@ -47,6 +45,7 @@ from fleetprov.emulator.cfn_types import (
     TYPES,
 )
 from fleetprov.emulator.cfn_yaml import load_cloudformation
+from fleetprov.emulator.intrinsics import NO_VALUE, Json
 from fleetprov.emulator.policy import Policy, PolicyError
 from fleetprov.emulator.templates import TemplateError, parse_template
 from fleetprov.errors import ConfigError

@@ -20,10 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from fleetprov.emulator.intrinsics import NO_VALUE, NO_VALUE_NAME, SUB_VARIABLE, IntrinsicEvaluator, Json, function_name
 from fleetprov.errors import EmulatorError
-
-# A parsed JSON value: dict, list, str, int, float, bool or None (or, mid-evaluation, _NO_VALUE).
-Json = Any
 
 THING = "AWS::IoT::Thing"
 CERTIFICATE = "AWS::IoT::Certificate"
@@ -65,10 +63,7 @@ _OVERRIDE_ACTIONS = (DO_NOTHING, REPLACE, FAIL, MERGE)
 _MERGEABLE_PROPERTIES = frozenset({"AttributePayload", "ThingGroups"})
 _CERTIFICATE_STATUSES = (ACTIVE, INACTIVE)
 
-_CONDITION_FUNCTIONS = frozenset({"Fn::Equals", "Fn::Not", "Fn::And", "Fn::Or", "Condition"})
 _MAX_CONDITION_OPERANDS = 10
-_NO_VALUE_NAME = "AWS::NoValue"
-_SUB_VARIABLE = re.compile(r"\$\{(!?)([^}]*)\}")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # Nine digits index any real list and keep int() far from Python's digit limit.
 _INDEX = re.compile(r"[0-9]{1,9}")
@@ -160,16 +155,6 @@ class Template:
         return frozenset(name for name, declared in self.parameters.items() if declared.default is None)
 
 
-class _NoValue:
-    """What {"Ref": "AWS::NoValue"} evaluates to: the enclosing object or list drops the entry."""
-
-    def __repr__(self) -> str:
-        return _NO_VALUE_NAME
-
-
-_NO_VALUE = _NoValue()
-
-
 # ---------------------------------------------------------------------------
 # Error and type-checking helpers
 
@@ -188,8 +173,8 @@ def _brief(text: str) -> str:
 
 
 def _type_name(value: object) -> str:
-    if value is _NO_VALUE:
-        return _NO_VALUE_NAME
+    if value is NO_VALUE:
+        return NO_VALUE_NAME
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -280,15 +265,6 @@ def _load_json(text: str, where: str) -> Json:
         raise _fail(where, f"not valid JSON ({_shorten(str(error))})") from error
 
 
-def _function_name(node: Json) -> Optional[str]:
-    """The intrinsic function a node calls: an object whose single key is Fn::*, Ref or Condition."""
-    if isinstance(node, dict) and len(node) == 1:
-        (key,) = node
-        if key.startswith("Fn::") or key in ("Ref", "Condition"):
-            return str(key)
-    return None
-
-
 # ---------------------------------------------------------------------------
 # Parsing
 
@@ -372,7 +348,7 @@ def _parse_mapping_values(values: Json, where: str) -> dict[str, Union[str, list
 
 def _parse_mapping_value(value: Json, where: str) -> Union[str, list[str]]:
     # Mappings are data: AWS evaluates nothing in them, so a function there is an authoring mistake.
-    if _function_name(value) is not None:
+    if function_name(value) is not None:
         raise _fail(where, "intrinsic functions are not allowed in Mappings")
     if isinstance(value, list):
         return [_scalar_text(item, f"{where}[{index}]") for index, item in enumerate(value)]
@@ -505,107 +481,85 @@ def _effective_parameters(template: Template, supplied: Mapping[str, str]) -> di
     return effective
 
 
-class _Evaluator:
+class _Evaluator(IntrinsicEvaluator):
     """Resolves intrinsic functions against one device's parameters.
 
     Every method takes `where`, the path of the node in the template, for error messages.
     """
 
     def __init__(self, template: Template, parameters: Mapping[str, str]) -> None:
+        super().__init__(template.conditions)
         self._parameters = parameters
-        self._mappings = template.mappings
+        self._template_mappings = template.mappings
         self._resource_names = frozenset(resource.logical_name for resource in template.resources)
-        self._condition_definitions = template.conditions
-        self._condition_values: dict[str, bool] = {}
-        self._conditions_being_resolved: list[str] = []
-        self._in_conditions_section = False
-        self._functions: Mapping[str, Callable[[Json, str], Json]] = {
-            "Ref": self._ref,
-            "Fn::Join": self._join,
-            "Fn::Select": self._select,
-            "Fn::Split": self._split,
-            "Fn::FindInMap": self._find_in_map,
-            "Fn::Sub": self._sub,
-            "Fn::If": self._if,
-            "Fn::Equals": self._equals,
-            "Fn::Not": self._not,
-            "Fn::And": self._and,
-            "Fn::Or": self._or,
-            "Condition": self._condition_reference,
-        }
 
     def resolve_conditions(self) -> None:
         """Evaluate every condition once, up front, so a broken condition fails even where unused."""
-        self._in_conditions_section = True
-        try:
-            for name in self._condition_definitions:
-                self.condition(name, "Conditions")
-        finally:
-            self._in_conditions_section = False
+        for name in self._condition_definitions:
+            self.condition(name, "Conditions")
 
-    def condition(self, name: str, where: str) -> bool:
-        if name in self._condition_values:
-            return self._condition_values[name]
-        if name not in self._condition_definitions:
-            raise _fail(where, f"unknown condition {_brief(name)}")
-        if name in self._conditions_being_resolved:
-            cycle = [*self._conditions_being_resolved[self._conditions_being_resolved.index(name) :], name]
-            raise _fail(f"Conditions.{name}", f"circular reference: {' -> '.join(cycle)}")
-        self._conditions_being_resolved.append(name)
-        try:
-            value = self.value(self._condition_definitions[name], f"Conditions.{name}")
-        finally:
-            self._conditions_being_resolved.pop()
-        self._condition_values[name] = _boolean(value, f"Conditions.{name}")
-        return self._condition_values[name]
+    # -- errors and checks ----------------------------------------------------------------------
 
-    def value(self, node: Json, where: str) -> Json:
-        """Evaluate a node; the result may be _NO_VALUE, which the enclosing object or list drops."""
-        function = _function_name(node)
-        if function is not None:
-            return self._call(function, node[function], where)
-        if isinstance(node, dict):
-            return self.object_value(node, where)
-        if isinstance(node, list):
-            evaluated = [self.value(item, f"{where}[{index}]") for index, item in enumerate(node)]
-            return [item for item in evaluated if item is not _NO_VALUE]
-        return node
+    def _error(self, where: str, problem: str) -> TemplateError:
+        return _fail(where, problem)
 
-    def object_value(self, node: Mapping[str, Json], where: str) -> dict[str, Json]:
-        evaluated = {key: self.value(item, f"{where}.{key}") for key, item in node.items()}
-        return {key: item for key, item in evaluated.items() if item is not _NO_VALUE}
+    def _quote(self, name: str) -> str:
+        return _brief(name)
 
-    def _call(self, function: str, argument: Json, where: str) -> Json:
-        if function in _CONDITION_FUNCTIONS and not self._in_conditions_section:
-            raise _fail(where, f"{function} is only allowed in the Conditions section")
-        implementation = self._functions.get(function)
-        if implementation is None:
-            raise _fail(where, f"unknown intrinsic function {_brief(function)}")
-        return implementation(argument, f"{where}.{function}")
+    def _misplaced(self, function: str, where: str) -> TemplateError:
+        return _fail(where, f"{function} is only allowed in the Conditions section")
 
-    def _evaluated_arguments(self, argument: Json, where: str, count: int) -> list[Json]:
-        # Evaluated one by one rather than as a list, so that AWS::NoValue cannot shift positions.
-        arguments = _argument_list(argument, where, count, count)
-        return [self.value(item, f"{where}[{index}]") for index, item in enumerate(arguments)]
+    def _unknown(self, function: str, where: str) -> TemplateError:
+        return _fail(where, f"unknown intrinsic function {_brief(function)}")
+
+    def _condition_result(self, value: Json, where: str) -> bool:
+        return _boolean(value, where)
+
+    def _argument_list(self, argument: Json, where: str, count: int) -> list[Json]:
+        return _argument_list(argument, where, count, count)
+
+    def _operand_list(self, argument: Json, where: str) -> list[Json]:
+        return _argument_list(argument, where, 2, _MAX_CONDITION_OPERANDS)
+
+    def _if_arguments(self, argument: Json, where: str) -> tuple[str, Json, Json]:
+        name, if_true, if_false = _argument_list(argument, where, 3, 3)
+        return _string(name, f"{where}[0]"), if_true, if_false
+
+    def _condition_name(self, argument: Json, where: str) -> str:
+        return _string(argument, where)
+
+    def _text(self, value: Json, where: str) -> str:
+        return _scalar_text(value, where)
+
+    def _string(self, value: Json, where: str) -> str:
+        return _string(value, where)
+
+    def _list(self, value: Json, where: str) -> list[Json]:
+        return _list(value, where)
+
+    def _boolean(self, value: Json, where: str) -> bool:
+        return _boolean(value, where)
+
+    def _map_key(self, key: str) -> str:
+        return _shorten(key)
+
+    def _mappings(self) -> Mapping[str, Json]:
+        return self._template_mappings
+
+    # -- the functions a provisioning template evaluates its own way -----------------------------
 
     def _ref(self, argument: Json, where: str) -> Json:
         name = _string(argument, where)
-        if name == _NO_VALUE_NAME:
-            return _NO_VALUE
+        if name == NO_VALUE_NAME:
+            return NO_VALUE
         if name in self._parameters:
             return self._parameters[name]
         if name in self._resource_names:
             raise _fail(where, f"Ref to resource {_brief(name)} is not supported; Ref resolves parameters")
         raise _fail(where, f"Ref to unknown parameter {_brief(name)}")
 
-    def _join(self, argument: Json, where: str) -> str:
-        delimiter, values = self._evaluated_arguments(argument, where, 2)
-        items = _list(values, f"{where}[1]")
-        texts = [_scalar_text(item, f"{where}[1][{index}]") for index, item in enumerate(items)]
-        return _string(delimiter, f"{where}[0]").join(texts)
-
     def _select(self, argument: Json, where: str) -> Json:
-        index, values = self._evaluated_arguments(argument, where, 2)
+        index, values = self._arguments(argument, where, 2)
         position = _list_index(index, f"{where}[0]")
         items = _list(values, f"{where}[1]")
         if position >= len(items):
@@ -614,28 +568,9 @@ class _Evaluator:
             raise _fail(where, f"element {position} is null")
         return items[position]
 
-    def _split(self, argument: Json, where: str) -> list[str]:
-        delimiter, source = self._evaluated_arguments(argument, where, 2)
-        separator = _string(delimiter, f"{where}[0]")
-        if not separator:
-            raise _fail(f"{where}[0]", "the delimiter must not be empty")
-        return _string(source, f"{where}[1]").split(separator)
-
-    def _find_in_map(self, argument: Json, where: str) -> Json:
-        arguments = self._evaluated_arguments(argument, where, 3)
-        keys = [_scalar_text(key, f"{where}[{index}]") for index, key in enumerate(arguments)]
-        found: Json = self._mappings
-        path = "Mappings"
-        for key in keys:
-            path = f"{path}.{_shorten(key)}"
-            if key not in found:
-                raise _fail(where, f"{path} does not exist")
-            found = found[key]
-        return found
-
     def _sub(self, argument: Json, where: str) -> str:
         if isinstance(argument, list):
-            text, variables = self._evaluated_arguments(argument, where, 2)
+            text, variables = self._arguments(argument, where, 2)
             text_where = f"{where}[0]"
             values = {
                 name: _scalar_text(value, f"{where}[1].{name}")
@@ -653,39 +588,7 @@ class _Evaluator:
                 raise _fail(where, f"unknown variable {_brief(name)}")
             return lookup[name]
 
-        return _SUB_VARIABLE.sub(substitute, _string(text, text_where))
-
-    def _if(self, argument: Json, where: str) -> Json:
-        name, if_true, if_false = _argument_list(argument, where, 3, 3)
-        # Only the chosen branch is evaluated: the other may be invalid for these parameters.
-        if self.condition(_string(name, f"{where}[0]"), f"{where}[0]"):
-            return self.value(if_true, f"{where}[1]")
-        return self.value(if_false, f"{where}[2]")
-
-    def _equals(self, argument: Json, where: str) -> bool:
-        left, right = self._evaluated_arguments(argument, where, 2)
-        return _scalar_text(left, f"{where}[0]") == _scalar_text(right, f"{where}[1]")
-
-    def _not(self, argument: Json, where: str) -> bool:
-        (operand,) = self._evaluated_arguments(argument, where, 1)
-        return not _boolean(operand, f"{where}[0]")
-
-    def _and(self, argument: Json, where: str) -> bool:
-        return all(self._condition_operands(argument, where))
-
-    def _or(self, argument: Json, where: str) -> bool:
-        return any(self._condition_operands(argument, where))
-
-    def _condition_operands(self, argument: Json, where: str) -> list[bool]:
-        # All operands are evaluated (no short-circuit), so a broken one fails whatever the others say.
-        operands = _argument_list(argument, where, 2, _MAX_CONDITION_OPERANDS)
-        return [
-            _boolean(self.value(operand, f"{where}[{index}]"), f"{where}[{index}]")
-            for index, operand in enumerate(operands)
-        ]
-
-    def _condition_reference(self, argument: Json, where: str) -> bool:
-        return self.condition(_string(argument, where), where)
+        return SUB_VARIABLE.sub(substitute, _string(text, text_where))
 
 
 def _argument_list(argument: Json, where: str, minimum: int, maximum: int) -> list[Json]:

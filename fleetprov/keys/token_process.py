@@ -24,6 +24,7 @@ from typing import Any, Optional
 from fleetprov.errors import EX_TEMPFAIL, ConfigError, FleetprovError
 from fleetprov.keys import PreparedKey
 from fleetprov.keys.pkcs11_settings import Pkcs11Settings
+from fleetprov.selfexec import python_command
 
 CHILD_TIMEOUT = 120.0  # seconds: RSA-3072 generation on a slow token takes a while
 
@@ -44,7 +45,7 @@ def prepare_in_child(
     request = {"settings": _settings_json(settings), "key_type": key_type, "common_name": common_name}
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "fleetprov.keys.token_process"],
+            python_command("-m", "fleetprov.keys.token_process"),
             input=json.dumps(request),
             capture_output=True,
             text=True,

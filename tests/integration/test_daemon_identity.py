@@ -141,6 +141,17 @@ def _rotating_template(directory: Path) -> Path:
     return path
 
 
+def _first_rotation(start_agent: object, config: Path, state: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Start the daemon and wait until it has rotated to generation 2 and is ready again: the agent, and the
+    current manifest when it was ready before and after the rotation."""
+    agent = start_agent(config)  # type: ignore[operator]
+    ready = agent.wait_for("READY=1")
+    first = _manifest(state)
+    agent.wait_for_log("rotated: generation 2")
+    agent.wait_for("READY=1", after=ready + 1)
+    return agent, first, _manifest(state)
+
+
 def test_a_certificate_near_its_not_after_is_rotated(
     emulator_with: object, start_agent: object, tmp_path: Path
 ) -> None:
@@ -159,12 +170,7 @@ def test_a_certificate_near_its_not_after_is_rotated(
         emulator, tmp_path / "device", "daemon-rotates", "--template", "rotating",
         daemon={**FAST, "rotate_before": 12}, hooks={"directory": str(hooks)},
     )  # fmt: skip
-    agent = start_agent(config)  # type: ignore[operator]
-    ready = agent.wait_for("READY=1")
-    first = _manifest(state)
-    agent.wait_for_log("rotated: generation 2")
-    agent.wait_for("READY=1", after=ready + 1)
-    second = _manifest(state)
+    agent, first, second = _first_rotation(start_agent, config, state)
     assert second["thing_name"] == first["thing_name"] == "fleetprov-daemon-rotates"
     assert second["certificate_id"] != first["certificate_id"]
     assert second["not_after"] > first["not_after"]
@@ -203,12 +209,7 @@ def test_rotation_with_the_key_in_a_token(
         "--key-backend", "pkcs11", "--pkcs11-library", str(token.library), "--token-label", token.label,
         "--pin-file", str(pin_file), daemon={**FAST, "rotate_before": 12},
     )  # fmt: skip
-    agent = start_agent(config)  # type: ignore[operator]
-    ready = agent.wait_for("READY=1")
-    first = _manifest(state)
-    agent.wait_for_log("rotated: generation 2")
-    agent.wait_for("READY=1", after=ready + 1)
-    second = _manifest(state)
+    agent, first, second = _first_rotation(start_agent, config, state)
     assert "object=fleetprov-device;" in first["key_reference"] + ";", first["key_reference"]
     assert "object=fleetprov-device-g2" in second["key_reference"], second["key_reference"]
     assert not (state / "generations" / "2" / "private.key").exists()

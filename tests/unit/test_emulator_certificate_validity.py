@@ -38,26 +38,10 @@ from fleetprov.emulator.settings import (
     with_flags,
 )
 from fleetprov.errors import EX_CONFIG, ConfigError, EmulatorError
+from tests.unit.serve_flags import flags
 
 TEN_YEARS = 3650 * 86400.0
 EXAMPLE = Path(__file__).parents[2] / "configs" / "emulator.example.yaml"
-
-
-def flags(**overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "host": None,
-        "port": None,
-        "token_ttl": None,
-        "templates": [],
-        "hooks": [],
-        "reply_delay": None,
-        "close_after": None,
-        "throttle": None,
-        "rejects": [],
-        "thing_groups": [],
-    }
-    values.update(overrides)
-    return values
 
 
 def load_yaml(tmp_path: Path, text: str) -> EmulatorSettings:

@@ -21,6 +21,7 @@ from fleetprov.emulator.faults import FaultConfig, Faults, ReplyOverride, load_r
 from fleetprov.emulator.service import Reply, parse_request_topic
 from fleetprov.emulator.settings import load_settings, with_flags
 from fleetprov.errors import ConfigError
+from tests.unit.serve_flags import flags
 from tests.unit.test_service import (
     CREATE_CSR_FIELDS,
     CREATE_KEYS_FIELDS,
@@ -218,12 +219,8 @@ def test_flag_wins_over_yaml(tmp_path: Path) -> None:
     config = tmp_path / "emulator.yaml"
     config.write_text("faults:\n  reply_overrides_file: from-yaml.json\n")
     base = load_settings(config, tmp_path / "state")
-    flags: dict[str, Any] = {
-        "host": None, "port": None, "token_ttl": None, "templates": [], "hooks": [], "reply_delay": None,
-        "close_after": None, "throttle": None, "rejects": [], "thing_groups": [],
-    }  # fmt: skip
-    assert with_flags(base, **flags).faults.reply_overrides_file == tmp_path / "from-yaml.json"
-    flagged = with_flags(base, **flags, reply_overrides=Path("/x/flag.json"))
+    assert with_flags(base, **flags()).faults.reply_overrides_file == tmp_path / "from-yaml.json"
+    flagged = with_flags(base, **flags(reply_overrides=Path("/x/flag.json")))
     assert flagged.faults.reply_overrides_file == Path("/x/flag.json")
 
 

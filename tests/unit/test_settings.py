@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,6 +18,7 @@ from fleetprov.emulator.settings import (
     with_flags,
 )
 from fleetprov.errors import ConfigError
+from tests.unit.serve_flags import flags
 
 FULL_YAML = """\
 host: 0.0.0.0
@@ -59,23 +59,6 @@ def write(tmp_path: Path, text: str, name: str = "emulator.yaml") -> Path:
 
 def load(tmp_path: Path, text: str) -> EmulatorSettings:
     return load_settings(write(tmp_path, text), tmp_path / "state")
-
-
-def flags(**overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "host": None,
-        "port": None,
-        "token_ttl": None,
-        "templates": [],
-        "hooks": [],
-        "reply_delay": None,
-        "close_after": None,
-        "throttle": None,
-        "rejects": [],
-        "thing_groups": [],
-    }
-    values.update(overrides)
-    return values
 
 
 # --- load_settings -------------------------------------------------------------------------------

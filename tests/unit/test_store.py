@@ -78,6 +78,22 @@ def provision(store: Store, serial: int, **overrides: Any) -> Generation:
     return store.commit(staging)
 
 
+def write_private_key_watched(staging: Staging, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[tuple[int, int]]]:
+    """Write KEY_PEM as the staging's private key: its path, and the file's (mode, size) at every os.write."""
+    seen: list[tuple[int, int]] = []
+    real_write = os.write
+
+    def spying_write(fd: int, data: Any) -> int:
+        status = os.fstat(fd)
+        seen.append((stat.S_IMODE(status.st_mode), status.st_size))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", spying_write)
+    path = staging.write_private_key(KEY_PEM)
+    monkeypatch.undo()
+    return path, seen
+
+
 def listing(directory: Path) -> list[str]:
     return sorted(entry.name for entry in directory.iterdir())
 
@@ -162,17 +178,7 @@ def test_staging_directory_is_0700(store: Store) -> None:
 
 def test_private_key_is_0600_before_its_first_byte(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     staging = store.stage()
-    seen: list[tuple[int, int]] = []
-    real_write = os.write
-
-    def spying_write(fd: int, data: Any) -> int:
-        status = os.fstat(fd)
-        seen.append((stat.S_IMODE(status.st_mode), status.st_size))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", spying_write)
-    path = staging.write_private_key(KEY_PEM)
-    monkeypatch.undo()
+    path, seen = write_private_key_watched(staging, monkeypatch)
 
     assert seen[0] == (0o600, 0)  # the file had its final mode while still empty
     assert path == staging.path / "private.key"

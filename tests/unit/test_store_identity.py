@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tests.unit.test_store import (
     listing,
     make_manifest,
     mode,
+    write_private_key_watched,
 )
 
 ROOT_CA = Path("/etc/fleetprov/AmazonRootCA1.pem")
@@ -251,17 +251,7 @@ def test_shared_private_key_has_no_more_than_0640_from_its_first_byte(
     """O_CREAT|O_EXCL with mode 0640: the umask can only take bits away (0600 under the unit's 0077, made
     0640 at the commit, inside a 0700 staging directory); the key is never more open than 0640."""
     staging = store_at(state, share_with_group=True).stage()
-    seen: list[tuple[int, int]] = []
-    real_write = os.write
-
-    def spying_write(fd: int, data: Any) -> int:
-        status = os.fstat(fd)
-        seen.append((stat.S_IMODE(status.st_mode), status.st_size))
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", spying_write)
-    staging.write_private_key(KEY_PEM)
-    monkeypatch.undo()
+    _, seen = write_private_key_watched(staging, monkeypatch)
 
     assert seen[0] == (0o640 & ~umask, 0)
 

@@ -3,6 +3,7 @@ AF_UNIX datagram socket of the test and WATCHDOG_USEC set."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +103,20 @@ def start_agent(tmp_path: Path) -> Iterator[object]:
             agent.process.kill()
             agent.process.wait()
         agent.notify.close()
+
+
+def manifest_of(state: Path, generation: str = "") -> dict[str, Any]:
+    directory = state / "generations" / generation if generation else state / "current"
+    document: dict[str, Any] = json.loads((directory / "manifest.json").read_text())
+    return document
+
+
+def first_rotation(start_agent: object, config: Path, state: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Start the daemon and wait until it has rotated to generation 2 and is ready again: the agent, and the
+    current manifest when it was ready before and after the rotation."""
+    agent = start_agent(config)  # type: ignore[operator]
+    ready = agent.wait_for("READY=1")
+    first = manifest_of(state)
+    agent.wait_for_log("rotated: generation 2")
+    agent.wait_for("READY=1", after=ready + 1)
+    return agent, first, manifest_of(state)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fleetprov.emulator.launch import launch
 from fleetprov.emulator.registry import Registry
+from tests.agentprocess import first_rotation
 from tests.support import Emulator, RawClient, device_config, fleetprov, make_csr, start_emulator
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "aws" / "fleetprov-cloud.yaml"
@@ -104,7 +105,12 @@ def test_a_device_gets_what_the_template_describes(stack_emulator: Emulator, tmp
         f"{ARN}:client/{variable}",
         f"{ARN}:topic/devices/{variable}/*",
         f"{ARN}:topicfilter/devices/{variable}/*",
+        [f"{ARN}:topic/{topic}" for topic in ROTATION_TOPICS],
+        [f"{ARN}:topicfilter/{topic}" for topic in ROTATION_TOPICS],
     ]
+
+
+ROTATION_TOPICS = ("$aws/certificates/create-from-csr/*", "$aws/provisioning-templates/fleetprov-fleet/provision/*")
 
 
 def test_the_claim_is_the_factorys_with_the_files_policy(stack_emulator: Emulator) -> None:
@@ -224,3 +230,22 @@ def test_what_the_emulator_cannot_run_is_a_configuration_error(tmp_path: Path) -
 
     missing = fleetprov("emulator", "serve", "--state-dir", str(tmp_path / "s2"), "--parameter", "A=b")
     assert missing.returncode == 78 and "--cloudformation FILE" in missing.stderr
+
+
+def test_the_files_device_policy_lets_the_daemon_rotate(
+    emulator_with: object, start_agent: object, tmp_path: Path
+) -> None:
+    """The stack as shipped supports rotation: certificates valid for 30 s, rotate_before 12 s; the daemon
+    rotates over its connection with the same template (and its hook), and the same thing keeps its name."""
+    emulator = emulator_with("--cloudformation", str(TEMPLATE), "--certificate-validity", "30")  # type: ignore[operator]
+    config = device_config(emulator, tmp_path / "device", "--serial", "fp-rotates")
+    settings = yaml.safe_load(config.read_text())
+    settings["daemon"] = {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 1, "rotate_before": 12}
+    config.write_text(yaml.safe_dump(settings))
+    state = tmp_path / "device" / "state"
+    agent, first, second = first_rotation(start_agent, config, state)
+    assert first["thing_name"] == second["thing_name"] == "fleetprov-fp-rotates"
+    assert second["certificate_id"] != first["certificate_id"]
+    certificates = {cert["certificateId"]: cert for cert in emulator.admin("certificates")}
+    assert certificates[second["certificate_id"]]["policies"] == ["fleetprov-fleet-device"]
+    assert agent.stop() == 0, agent.log()

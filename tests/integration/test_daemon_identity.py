@@ -16,6 +16,7 @@ import yaml
 from pkcs11 import Attribute, ObjectClass
 
 from fleetprov.keys.pkcs11 import open_token
+from tests.agentprocess import first_rotation, manifest_of
 from tests.softhsm import make_token
 from tests.support import Emulator, device_config, fleetprov
 
@@ -29,12 +30,6 @@ def _config(emulator: Emulator, directory: Path, serial: str, *options: str, **c
         settings[section] = {**(settings.get(section) or {}), **values}
     config.write_text(yaml.safe_dump(settings))
     return config
-
-
-def _manifest(state: Path, generation: str = "") -> dict[str, Any]:
-    directory = state / "generations" / generation if generation else state / "current"
-    document: dict[str, Any] = json.loads((directory / "manifest.json").read_text())
-    return document
 
 
 def _statuses(emulator: Emulator) -> dict[str, str]:
@@ -56,17 +51,17 @@ def test_a_revoked_certificate_is_replaced_through_the_claim(
     config = _config(emulator, tmp_path / "device", "daemon-revoked")
     agent = start_agent(config)  # type: ignore[operator]
     ready = agent.wait_for("READY=1")
-    first = _manifest(state)
+    first = manifest_of(state)
     emulator.admin("set-certificate-status", first["certificate_id"], "REVOKED")
     # The emulator closes the connection (as AWS IoT does); three refused reconnects; `fleetprov reprovision`.
     agent.wait_for_log("refused (1 of 3)")
     agent.wait_for_log("provisioning anew with the claim")
     agent.wait_for("READY=1", after=ready + 1)
-    second = _manifest(state)
+    second = manifest_of(state)
     assert second["thing_name"] == first["thing_name"]
     assert second["certificate_id"] != first["certificate_id"]
     assert os.readlink(state / "current") == "generations/2"
-    assert _manifest(state, "1") == first  # the old generation stays, for rollback
+    assert manifest_of(state, "1") == first  # the old generation stays, for rollback
     statuses = _statuses(emulator)
     assert statuses[first["certificate_id"]] == "REVOKED"
     assert statuses[second["certificate_id"]] == "ACTIVE"
@@ -97,7 +92,7 @@ def test_refused_with_no_claim_left_exits_77(emulator: Emulator, start_agent: ob
     agent = start_agent(config)  # type: ignore[operator]
     agent.wait_for("READY=1")
     assert not claim_key.exists()
-    emulator.admin("set-certificate-status", _manifest(state)["certificate_id"], "INACTIVE")
+    emulator.admin("set-certificate-status", manifest_of(state)["certificate_id"], "INACTIVE")
     assert agent.wait_exit() == 77, agent.log()
     assert "the claim key" in agent.log() and "is gone (claim.remove_after_success)" in agent.log()
     assert os.readlink(state / "current") == "generations/1"
@@ -108,12 +103,12 @@ def test_reprovision_command_keeps_the_old_generation(emulator: Emulator, tmp_pa
     state = tmp_path / "device" / "state"
     config = _config(emulator, tmp_path / "device", "reprovision-command")
     assert fleetprov("--once", "--config", str(config)).returncode == 0
-    first = _manifest(state)
+    first = manifest_of(state)
     done = fleetprov("reprovision", "--config", str(config))
     assert done.returncode == 0, done.stderr
     assert "provisioned: thing fleetprov-reprovision-command" in done.stdout
     assert "stays for rollback" in done.stderr
-    second = _manifest(state)
+    second = manifest_of(state)
     assert second["certificate_id"] != first["certificate_id"]
     assert _statuses(emulator)[first["certificate_id"]] == "ACTIVE"  # nothing revoked it: both work
     # A third run keeps two generations: the current one and the one before it.
@@ -141,17 +136,6 @@ def _rotating_template(directory: Path) -> Path:
     return path
 
 
-def _first_rotation(start_agent: object, config: Path, state: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Start the daemon and wait until it has rotated to generation 2 and is ready again: the agent, and the
-    current manifest when it was ready before and after the rotation."""
-    agent = start_agent(config)  # type: ignore[operator]
-    ready = agent.wait_for("READY=1")
-    first = _manifest(state)
-    agent.wait_for_log("rotated: generation 2")
-    agent.wait_for("READY=1", after=ready + 1)
-    return agent, first, _manifest(state)
-
-
 def test_a_certificate_near_its_not_after_is_rotated(
     emulator_with: object, start_agent: object, tmp_path: Path
 ) -> None:
@@ -170,13 +154,13 @@ def test_a_certificate_near_its_not_after_is_rotated(
         emulator, tmp_path / "device", "daemon-rotates", "--template", "rotating",
         daemon={**FAST, "rotate_before": 12}, hooks={"directory": str(hooks)},
     )  # fmt: skip
-    agent, first, second = _first_rotation(start_agent, config, state)
+    agent, first, second = first_rotation(start_agent, config, state)
     assert second["thing_name"] == first["thing_name"] == "fleetprov-daemon-rotates"
     assert second["certificate_id"] != first["certificate_id"]
     assert second["not_after"] > first["not_after"]
     assert second["template"] == "rotating"
     assert os.readlink(state / "current") == "generations/2"
-    assert _manifest(state, "1") == first
+    assert manifest_of(state, "1") == first
     new_key = (state / "generations" / "2" / "private.key").read_bytes()
     assert new_key != (state / "generations" / "1" / "private.key").read_bytes()  # a new key, made on the device
     certificates = {entry["certificateId"]: entry for entry in emulator.admin("certificates")}
@@ -209,7 +193,7 @@ def test_rotation_with_the_key_in_a_token(
         "--key-backend", "pkcs11", "--pkcs11-library", str(token.library), "--token-label", token.label,
         "--pin-file", str(pin_file), daemon={**FAST, "rotate_before": 12},
     )  # fmt: skip
-    agent, first, second = _first_rotation(start_agent, config, state)
+    agent, first, second = first_rotation(start_agent, config, state)
     assert "object=fleetprov-device;" in first["key_reference"] + ";", first["key_reference"]
     assert "object=fleetprov-device-g2" in second["key_reference"], second["key_reference"]
     assert not (state / "generations" / "2" / "private.key").exists()

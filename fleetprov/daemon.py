@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SHUTDOWN_TIMEOUT = 1.0  # seconds for closing the connection on SIGTERM: systemd gets its answer within 2 s
+LOST_CLOSE_TIMEOUT = 0.1  # seconds to wait for the disconnect of a connection that is already lost
 ROTATION_RETRY_AFTER_REFUSAL = 3600.0  # seconds: a rotation the service refused is tried again this much later
 WAKE_UP = 3600.0  # seconds: while connected, the rotation time is looked at again at least this often
 TRANSIENT_EXITS = (EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR)  # of `fleetprov reprovision`: try again later
@@ -160,11 +161,14 @@ class Daemon:
             except Stopped:
                 await session.close(SHUTDOWN_TIMEOUT)
                 raise
-            # A lost connection has nothing to flush: awscrt's disconnect of one it is reconnecting can take long.
-            await session.close(SHUTDOWN_TIMEOUT if why is not None else config.operation_timeout)
-            if why is not None:
-                log.warning("connection lost: %s", why)
-                await self._pause(config, f"connection lost ({why})")
+            if why is None:  # SIGHUP: a clean disconnect, then connect with the new configuration
+                await session.close(config.operation_timeout)
+                continue
+            log.warning("connection lost: %s", why)
+            # Nothing to flush. awscrt completes the disconnect of a connection it is reconnecting only at its
+            # next attempt (seconds later); the request is what matters, so the wait is short.
+            await session.close(LOST_CLOSE_TIMEOUT)
+            await self._pause(config, f"connection lost ({why})")
 
     def _count_refusal(self, config: Config, generation: Generation, exc: FleetprovError, refusals: int) -> None:
         """Count one refusal of the permanent certificate; NewIdentityNeeded (or exc) once there are enough."""
@@ -217,8 +221,10 @@ class Daemon:
         self._failures += 1
         cap = min(config.daemon.reconnect_max_delay, config.daemon.reconnect_initial_delay * 2 ** (self._failures - 1))
         delay = random.uniform(0, cap)  # noqa: S311 -- jitter, not cryptography
-        log.warning("%s: next attempt in %.1f s", what, delay)
-        self._notifier.status(f"{what}: next attempt in {delay:.0f} s")
+        log.warning("%s: next attempt in %.2f s", what, delay)
+        self._notifier.status(f"{what}: next attempt in {delay:.2g} s")
+        if self._stop.is_set():  # before making the coroutine below, which would otherwise never be awaited
+            raise Stopped
         with contextlib.suppress(asyncio.TimeoutError):
             await self._until_stopped(asyncio.wait_for(self._reload.wait(), delay))
 

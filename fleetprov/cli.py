@@ -7,6 +7,7 @@ fleetprov rollback                      make the previous generation current aga
 fleetprov status [--json]               what this device's identity is, and how the last run ended
 fleetprov check-config                  the effective configuration, secrets redacted
 fleetprov emulator ...                  the local AWS IoT emulator
+fleetprov factory keygen|csr|sign ...   factory-line helpers: device key, CSR, lab-CA-signed certificate
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from fleetprov import __version__
 from fleetprov.errors import EX_OK, EX_USAGE, ConfigError, FleetprovError
+from fleetprov.factory_cli import add_factory_commands
 from fleetprov.selfexec import python_command
 
 log = logging.getLogger("fleetprov")
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "emulator", add_help=False, help="local emulator of the AWS IoT fleet-provisioning endpoint"
     )
     emulator.set_defaults(handler=_emulator)
+    add_factory_commands(commands)
     return parser
 
 

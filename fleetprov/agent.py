@@ -9,15 +9,17 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from fleetprov.atomicio import write_atomic
-from fleetprov.claim import device_client_id, provision, step, verify
+from fleetprov.claim import Provisioned, device_client_id, provision, step, verify
+from fleetprov.claim_inbox import discard_claim, pending_claim
 from fleetprov.clock import wait_for_plausible_clock
 from fleetprov.config import Config
 from fleetprov.errors import FleetprovError, Refused, UsageError
+from fleetprov.jit import enrol
 from fleetprov.journal import Journal, load_journal
 from fleetprov.store import Generation, Store, iso_utc
 
@@ -34,9 +36,16 @@ class Outcome:
     abandoned: tuple[str, ...] = ()  # certificates issued to this device and given up on
 
 
-async def once(config: Config, environ: Optional[Mapping[str, str]] = None, *, verify_existing: bool = True) -> Outcome:
+async def once(
+    config: Config,
+    environ: Optional[Mapping[str, str]] = None,
+    *,
+    verify_existing: bool = True,
+    report: Callable[[str], None] = lambda _: None,
+) -> Outcome:
     """Provision if needed (or finish an interrupted run); an existing identity is verified by connecting with
-    it unless ``verify_existing`` is False (the daemon's own connection is that proof)."""
+    it unless ``verify_existing`` is False (the daemon's own connection is that proof). ``report`` hears what a
+    long wait is waiting for (the daemon puts it in STATUS=)."""
     await wait_for_plausible_clock(config.clock_sync_timeout)
     async with _recovered(config) as (store, journal):
         current = store.current()
@@ -46,10 +55,47 @@ async def once(config: Config, environ: Optional[Mapping[str, str]] = None, *, v
             if verify_existing:
                 await verify(config, current, device_client_id(config, current.manifest.thing_name), environ)
             return Outcome(current, provisioned=False)
-        result = await provision(config, store, environ, journal)
+        if config.jit is not None:
+            return Outcome(await enrol(config, store, environ, report), provisioned=True)
+        result = await _provision(config, store, environ, journal)
         prune_old(store)
     _remove_claim_key(config)
     return Outcome(result.generation, provisioned=True, abandoned=result.abandoned)
+
+
+class WaitingForClaim(FleetprovError):
+    """Fleet provisioning by trusted user, and no temporary claim in the inbox (yet): try again later."""
+
+    transient = True
+
+
+async def _provision(
+    config: Config, store: Store, environ: Mapping[str, str], journal: Optional[Journal]
+) -> Provisioned:
+    """Provision by claim: the configured one, or the temporary claim a trusted user left in claim.inbox
+    (used once: removed after success, after a refusal and when it has expired)."""
+    inbox = config.required_claim().inbox
+    if inbox is None:
+        return await provision(config, store, environ, journal)
+    pending = pending_claim(inbox, now=dt.datetime.now(dt.timezone.utc))  # ExpiredClaim: it is removed
+    if pending is None:
+        raise WaitingForClaim(
+            f"no temporary claim in {inbox}: a trusted user installs one with `fleetprov claim install`",
+            step="claim",
+        )
+    log.info("provisioning with the temporary claim %s (valid until %s)", pending.certificate_id[:12],
+             iso_utc(pending.not_after))  # fmt: skip
+    # The claim's own directory, not the `pending` link: a claim installed meanwhile must not mix with this one.
+    claim = replace(config.required_claim(), certificate=pending.certificate, private_key=pending.private_key)
+    try:
+        result = await provision(replace(config, claim=claim), store, environ, journal)
+    except FleetprovError as exc:
+        if not exc.transient:
+            discard_claim(inbox, pending)
+            log.info("removed the temporary claim %s: it was refused", pending.certificate_id[:12])
+        raise
+    discard_claim(inbox, pending)
+    return result
 
 
 async def reprovision(config: Config, environ: Optional[Mapping[str, str]] = None) -> Outcome:
@@ -59,10 +105,18 @@ async def reprovision(config: Config, environ: Optional[Mapping[str, str]] = Non
     async with _recovered(config) as (store, journal):
         current = store.current()
         if current is not None and journal is None:
-            if config.claim.private_key is not None and not config.claim.private_key.exists():
+            if config.jit is not None:
                 raise Refused(
-                    f"cannot provision anew: the claim key {config.claim.private_key} is gone"
-                    + (" (claim.remove_after_success)" if config.claim.remove_after_success else ""),
+                    "cannot provision anew: a JITP/JITR device has only the certificate from your CA, and it was "
+                    f"refused (certificate {current.manifest.certificate_id}): activate it again, or give the "
+                    "device a new one",
+                    step="claim",
+                )
+            claim = config.required_claim()
+            if claim.inbox is None and claim.private_key is not None and not claim.private_key.exists():
+                raise Refused(
+                    f"cannot provision anew: the claim key {claim.private_key} is gone"
+                    + (" (claim.remove_after_success)" if claim.remove_after_success else ""),
                     step="claim",
                 )
             log.warning(
@@ -71,7 +125,7 @@ async def reprovision(config: Config, environ: Optional[Mapping[str, str]] = Non
                 current.manifest.thing_name,
                 current.manifest.certificate_id,
             )
-        result = await provision(config, store, os.environ if environ is None else environ, journal)
+        result = await _provision(config, store, os.environ if environ is None else environ, journal)
         prune_old(store)
     _remove_claim_key(config)
     return Outcome(result.generation, provisioned=True, abandoned=result.abandoned)
@@ -126,9 +180,9 @@ def prune_old(store: Store) -> list[int]:
 
 def _remove_claim_key(config: Config) -> None:
     """claim.remove_after_success: the claim key goes once an identity is committed (best effort, logged)."""
-    key = config.claim.private_key
-    if not config.claim.remove_after_success or key is None:
+    if config.claim is None or not config.claim.remove_after_success or config.claim.private_key is None:
         return
+    key = config.claim.private_key
     try:
         key.unlink(missing_ok=True)
     except OSError as exc:

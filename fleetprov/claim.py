@@ -113,25 +113,27 @@ def device_client_id(config: Config, thing_name: str) -> str:
 # -- before anything goes on the network ---------------------------------------------------------------
 
 
-def _check_readable_file(path: Path, what: str) -> None:
+def check_readable_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist or is not a file", step="claim")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{what} {path} is not readable by this user", step="claim")
 
 
-def check_claim_files(config: Config) -> None:
-    _check_readable_file(config.root_ca, "root CA")
-    _check_readable_file(config.claim.certificate, "claim certificate")
-    key = config.claim.private_key
-    if key is None:  # in a token: awscrt finds it when it connects
-        return
-    _check_readable_file(key, "claim private key")
+def check_private_key_file(key: Path, what: str) -> None:
+    """Readable by this user and by nobody else."""
+    check_readable_file(key, what)
     mode = stat.S_IMODE(key.stat().st_mode)
     if mode & 0o077:
-        raise ConfigError(
-            f"claim private key {key} is readable by others (mode {mode:04o}): run 'chmod 600 {key}'", step="claim"
-        )
+        raise ConfigError(f"{what} {key} is readable by others (mode {mode:04o}): run 'chmod 600 {key}'", step="claim")
+
+
+def check_claim_files(config: Config) -> None:
+    check_readable_file(config.root_ca, "root CA")
+    claim = config.required_claim()
+    check_readable_file(claim.certificate, "claim certificate")
+    if claim.private_key is not None:  # else in a token: awscrt finds it when it connects
+        check_private_key_file(claim.private_key, "claim private key")
 
 
 def _token_key(config: Config, uri: Pkcs11Uri, environ: Mapping[str, str]) -> TokenKey:
@@ -150,7 +152,7 @@ def _token_key(config: Config, uri: Pkcs11Uri, environ: Mapping[str, str]) -> To
 
 
 def claim_identity(config: Config, environ: Mapping[str, str]) -> Identity:
-    claim = config.claim
+    claim = config.required_claim()
     if claim.private_key_uri is not None:
         return Identity(claim.certificate, token_key=_token_key(config, claim.private_key_uri, environ))
     return Identity(claim.certificate, claim.private_key)
@@ -173,7 +175,7 @@ def _parameters(
     config: Config, environ: Mapping[str, str], claim_client_id: Optional[str]
 ) -> tuple[dict[str, str], str]:
     facts = read_facts()
-    wanted = config.provisioning.parameters
+    wanted = config.required_provisioning().parameters
     with step("parameters"):
         parameters = template_parameters(
             wanted.static,
@@ -194,9 +196,9 @@ def _start(config: Config, store: Store, abandoned: tuple[str, ...]) -> tuple[Jo
     staging = store.stage()
     journal = Journal(
         staging=staging.path.name,
-        method=config.provisioning.method,
-        key_type=config.provisioning.key_type,
-        template=config.provisioning.template,
+        method=config.required_provisioning().method,
+        key_type=config.required_provisioning().key_type,
+        template=config.required_provisioning().template,
         endpoint=config.endpoint,
         abandoned=abandoned,
     )
@@ -220,7 +222,7 @@ def _resume_or_start(config: Config, store: Store, journal: Optional[Journal]) -
     """Where this run starts: the interrupted run's stage, or a fresh start."""
     if journal is None:
         return _start(config, store, ())
-    provisioning = config.provisioning
+    provisioning = config.required_provisioning()
     if not journal.matches(provisioning.method, provisioning.key_type, provisioning.template, config.endpoint):
         log.warning("the configuration changed since the interrupted run: starting over")
         _discard(store, journal)
@@ -307,7 +309,7 @@ async def _register(
     with step("register-thing"):
         try:
             registration = await client.register_thing(
-                config.provisioning.template, journal.text("ownership_token"), {**parameters}
+                config.required_provisioning().template, journal.text("ownership_token"), {**parameters}
             )
         except ServiceRejected as exc:
             if exc.error_code == "InvalidCertificateOwnershipToken":
@@ -326,7 +328,7 @@ def _key(
     """The device key, while a CSR is still to be sent: made now (stage started) or found again (key-ready);
     None for CreateKeysAndCertificate and once the certificate is issued."""
     journal = progress.journal
-    if config.provisioning.method != "csr":
+    if config.required_provisioning().method != "csr":
         if journal.stage == "started" and staging.private_key.exists():
             # Killed after CreateKeysAndCertificate answered, before the journal heard of it.
             log.warning("a certificate created by the interrupted run was lost with it; AWS deletes it in an hour")
@@ -341,7 +343,7 @@ def _key(
             key = prepared(FileKeyBackend().load_key(staging), common_name)
         else:
             staging.private_key.unlink(missing_ok=True)  # a key half-written when the last run was killed
-            key = prepared(FileKeyBackend().create_key(config.provisioning.key_type, staging), common_name)
+            key = prepared(FileKeyBackend().create_key(config.required_provisioning().key_type, staging), common_name)
     if journal.stage == "started":
         progress.save(journal.at("key-ready", key_reference=key.key_reference))
         crash_point("after-key")
@@ -364,7 +366,7 @@ def _prepare_token_key(config: Config, environ: Mapping[str, str], common_name: 
             "install fleetprov[pkcs11]",
             step="key",
         ) from None
-    return prepare_token_key(_pkcs11_settings(config), environ, config.provisioning.key_type, common_name)
+    return prepare_token_key(_pkcs11_settings(config), environ, config.required_provisioning().key_type, common_name)
 
 
 async def _registered(
@@ -519,7 +521,7 @@ async def provision(
 ) -> Provisioned:
     """Provision by claim (or finish the interrupted run the journal describes); returns once verified."""
     check_claim_files(config)
-    parameters, claim_client_id = _parameters(config, environ, config.claim.client_id)
+    parameters, claim_client_id = _parameters(config, environ, config.required_claim().client_id)
     progress = Progress(store.state_dir, journal or _no_journal(config))
     staging: Optional[Staging] = None
     try:
@@ -561,8 +563,8 @@ def _no_journal(config: Config) -> Journal:
     """What Progress holds before the first journal exists: nothing issued, nothing to report."""
     return Journal(
         staging="",
-        method=config.provisioning.method,
-        key_type=config.provisioning.key_type,
-        template=config.provisioning.template,
+        method=config.required_provisioning().method,
+        key_type=config.required_provisioning().key_type,
+        template=config.required_provisioning().template,
         endpoint=config.endpoint,
     )

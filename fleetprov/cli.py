@@ -8,6 +8,7 @@ fleetprov status [--json]               what this device's identity is, and how 
 fleetprov check-config                  the effective configuration, secrets redacted
 fleetprov emulator ...                  the local AWS IoT emulator
 fleetprov factory keygen|csr|sign ...   factory-line helpers: device key, CSR, lab-CA-signed certificate
+fleetprov claim install ...             trusted user: hand this device a temporary claim
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fleetprov import __version__
+from fleetprov.claim_cli import add_claim_commands
 from fleetprov.errors import EX_OK, EX_USAGE, ConfigError, FleetprovError
 from fleetprov.factory_cli import add_factory_commands
 from fleetprov.selfexec import python_command
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emulator.set_defaults(handler=_emulator)
     add_factory_commands(commands)
+    add_claim_commands(commands, config_option)
     return parser
 
 
@@ -195,6 +198,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from fleetprov.agent import read_last_run
+    from fleetprov.jit import read_activation
     from fleetprov.store import Store
 
     config = _load_config(args)
@@ -213,13 +217,15 @@ def _status(args: argparse.Namespace) -> int:
             generation=current.number,
             provisioned_at=manifest.provisioned_at,
         )
+    status["way_in"] = "jit" if config.jit else "trusted-user" if config.required_claim().inbox else "claim"
+    status["waiting_for_activation"] = read_activation(config.state_dir)  # JITP/JITR, until ACTIVE
     status["last_run"] = read_last_run(config.state_dir)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         for key, value in status.items():
             shown = value
-            if key == "last_run" and isinstance(value, dict):
+            if key in ("last_run", "waiting_for_activation") and isinstance(value, dict):
                 shown = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
             print(f"{key.replace('_', ' ')}: {shown if shown is not None else '-'}")
     return EX_OK

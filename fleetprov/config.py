@@ -44,6 +44,7 @@ __all__ = [
     "Config",
     "DaemonConfig",
     "HooksConfig",
+    "JitConfig",
     "KeysConfig",
     "ParametersConfig",
     "ProvisioningConfig",
@@ -81,6 +82,25 @@ class ClaimConfig:
     client_id: Optional[str] = None  # None: derived per device (fleetprov.facts), never one ID for the fleet
     private_key_uri: Optional[Pkcs11Uri] = None  # the claim key in keys.pkcs11's library, with its PIN
     remove_after_success: bool = False  # delete the claim's key file once an identity is committed
+    inbox: Optional[Path] = None  # trusted user: temporary claims arrive here (`fleetprov claim install`)
+
+
+PENDING_CLAIM = "pending"  # the inbox's symlink to the one claim waiting to be used (fleetprov/claim_inbox.py)
+JIT_THING_NAME_SOURCES = ("common-name", "serial-number", "certificate-id")
+
+
+@dataclass(frozen=True)
+class JitConfig:
+    """JITP/JITR: the device holds a certificate signed by the customer's CA; AWS IoT registers it when the
+    device first connects (fleetprov/jit.py)."""
+
+    certificate: Path  # the device certificate (PEM)
+    private_key: Optional[Path]  # its key in a file, or None: private_key_uri names it in the token
+    ca_certificate: Optional[Path] = None  # the CA that signed it: checked, and sent after it as the chain
+    private_key_uri: Optional[Pkcs11Uri] = None
+    thing_name: Optional[str] = None  # the thing the template names; None: from thing_name_from
+    thing_name_from: str = "common-name"  # one of JIT_THING_NAME_SOURCES
+    wait: float = 3600.0  # seconds one run keeps connecting until the certificate is ACTIVE; then exit 75
 
 
 @dataclass(frozen=True)
@@ -151,8 +171,8 @@ class Config:
     source: Optional[Path]  # the YAML file it came from
     endpoint: str  # host name of the AWS IoT data endpoint
     root_ca: Path  # CA bundle that verifies the endpoint
-    claim: ClaimConfig
-    provisioning: ProvisioningConfig
+    claim: Optional[ClaimConfig]  # None with jit: the two ways in exclude each other
+    provisioning: Optional[ProvisioningConfig]
     port: int = 8883  # 443 means ALPN x-amzn-mqtt-ca
     mqtt_version: int = 3  # 3 (MQTT 3.1.1) or 5
     keep_alive: int = 60  # seconds
@@ -167,6 +187,19 @@ class Config:
     hooks: HooksConfig = HooksConfig()
     share_with_group: bool = False  # group `fleetprov` may read the published identity (README "Identity for ...")
     clock_sync_timeout: float = 300.0  # seconds to wait for an implausible (pre-release) clock to be synchronised
+    jit: Optional[JitConfig] = None  # JITP/JITR instead of a claim
+
+    def required_claim(self) -> ClaimConfig:
+        """The claim section, for what only fleet provisioning by claim does."""
+        if self.claim is None:
+            raise ConfigError("fleet provisioning by claim needs claim:; this device uses jit:", step="config")
+        return self.claim
+
+    def required_provisioning(self) -> ProvisioningConfig:
+        """The provisioning section, for what only fleet provisioning by claim does."""
+        if self.provisioning is None:
+            raise ConfigError("fleet provisioning by claim needs provisioning:; this device uses jit:", step="config")
+        return self.provisioning
 
 
 # The key layout, section by dotted path. Keys of the _NAME_MAPS sections are template parameter names.
@@ -174,7 +207,10 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "endpoint", "port", "root_ca", "mqtt_version", "keep_alive", "operation_timeout", "proxy", "claim",
         "provisioning", "device", "state_dir", "log_level", "retry", "clock_sync_timeout", "keys", "daemon",
-        "hooks", "share_with_group",
+        "hooks", "share_with_group", "jit",
+    ),
+    "jit": (
+        "certificate", "ca_certificate", "private_key", "thing_name", "thing_name_from", "wait",
     ),
     "hooks": ("directory", "timeout"),
     "daemon": (
@@ -186,7 +222,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     ),
     "retry": ("initial_delay", "max_delay", "budget", "max_attempts", "strategy"),
     "proxy": ("host", "port", "username", "password"),
-    "claim": ("certificate", "private_key", "client_id", "remove_after_success"),
+    "claim": ("certificate", "private_key", "client_id", "remove_after_success", "inbox"),
     "provisioning": ("template", "method", "key_type", "parameters"),
     "provisioning.parameters": ("static", "from_env", "facts", "command", "command_timeout"),
     "device": ("client_id",),
@@ -227,7 +263,6 @@ def load_config(
 def render_config(config: Config) -> str:
     """The effective configuration as YAML in the file's layout, with secrets replaced by ``<redacted>``."""
     proxy = config.proxy
-    parameters = config.provisioning.parameters
     document = {
         "endpoint": config.endpoint,
         "port": config.port,
@@ -243,24 +278,7 @@ def render_config(config: Config) -> str:
             "username": proxy.username,
             "password": None if proxy.password is None else REDACTED,
         },
-        "claim": {
-            "certificate": str(config.claim.certificate),
-            "private_key": str(config.claim.private_key_uri or config.claim.private_key),
-            "client_id": config.claim.client_id,
-            "remove_after_success": config.claim.remove_after_success,
-        },
-        "provisioning": {
-            "template": config.provisioning.template,
-            "method": config.provisioning.method,
-            "key_type": config.provisioning.key_type,
-            "parameters": {
-                "static": dict(parameters.static),
-                "from_env": dict(parameters.from_env),
-                "facts": dict(parameters.facts),
-                "command": None if parameters.command is None else list(parameters.command),
-                "command_timeout": parameters.command_timeout,
-            },
-        },
+        **_render_way_in(config),
         "device": {"client_id": config.device_client_id},
         "state_dir": str(config.state_dir),
         "log_level": config.log_level,
@@ -285,6 +303,49 @@ def render_config(config: Config) -> str:
     }
     # ASCII with escapes: PyYAML emits some characters (NEL, U+0085) raw that it then reads back as line breaks.
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def _render_way_in(config: Config) -> dict[str, object]:
+    """claim: and provisioning:, or jit:"""
+    jit = config.jit
+    if jit is not None:
+        return {
+            "jit": {
+                "certificate": str(jit.certificate),
+                "ca_certificate": None if jit.ca_certificate is None else str(jit.ca_certificate),
+                "private_key": str(jit.private_key_uri or jit.private_key),
+                "thing_name": jit.thing_name,
+                "thing_name_from": None if jit.thing_name else jit.thing_name_from,
+                "wait": jit.wait,
+            }
+        }
+    claim, provisioning = config.required_claim(), config.required_provisioning()
+    parameters = provisioning.parameters
+    rendered_claim: dict[str, object] = (
+        {"inbox": str(claim.inbox)}
+        if claim.inbox is not None
+        else {
+            "certificate": str(claim.certificate),
+            "private_key": str(claim.private_key_uri or claim.private_key),
+            "remove_after_success": claim.remove_after_success,
+        }
+    )
+    rendered_claim["client_id"] = claim.client_id
+    return {
+        "claim": rendered_claim,
+        "provisioning": {
+            "template": provisioning.template,
+            "method": provisioning.method,
+            "key_type": provisioning.key_type,
+            "parameters": {
+                "static": dict(parameters.static),
+                "from_env": dict(parameters.from_env),
+                "facts": dict(parameters.facts),
+                "command": None if parameters.command is None else list(parameters.command),
+                "command_timeout": parameters.command_timeout,
+            },
+        },
+    }
 
 
 def _render_keys(keys: KeysConfig) -> dict[str, object]:
@@ -398,9 +459,15 @@ def _check_key_places(top: YamlReader, config: Config) -> None:
     token = config.keys.pkcs11
     if config.keys.backend == "pkcs11" and token is None:
         raise top.error("keys.pkcs11", "missing: the token (library, token_label, a PIN source) for backend pkcs11")
-    if config.claim.private_key_uri is not None and token is None:
+    if config.claim is not None and config.claim.private_key_uri is not None and token is None:
         raise top.error("keys.pkcs11", "missing: the PKCS#11 library and PIN for the claim key's pkcs11: URI")
-    if config.keys.backend == "pkcs11" and config.provisioning.method == "create-keys":
+    if config.jit is not None and config.jit.private_key_uri is not None and token is None:
+        raise top.error("keys.pkcs11", "missing: the PKCS#11 library and PIN for the device key's pkcs11: URI")
+    if config.jit is not None and config.daemon.rotation_template is not None:
+        # Rotation sends CreateCertificateFromCsr and RegisterThing, which need provisioning.parameters.
+        raise top.error("daemon.rotation_template", "rotation is for identities provisioned by claim, not jit:")
+    method = config.provisioning.method if config.provisioning is not None else None
+    if config.keys.backend == "pkcs11" and method == "create-keys":
         raise top.error(
             "provisioning.method",
             "create-keys cannot keep its key in a PKCS#11 token (the service makes that key, outside the token): "
@@ -419,8 +486,8 @@ def _parse_keys(top: YamlReader, source: Path, base: Path, default_state_dir: Pa
         keep_alive=_keep_alive(top),
         operation_timeout=_seconds(top, "operation_timeout", 30.0),
         proxy=_proxy(top.child("proxy")),
-        claim=_claim(_required_section(top, "claim", "the claim certificate and key (certificate, private_key)"), base),
-        provisioning=_provisioning(_required_section(top, "provisioning", "the provisioning template (template)")),
+        claim=_claim_section(top, base),
+        provisioning=_provisioning_section(top),
         device_client_id=_device_client_id(top.child("device")),
         state_dir=_path(top, "state_dir", base) or default_state_dir,
         log_level=_log_level(top),
@@ -430,7 +497,70 @@ def _parse_keys(top: YamlReader, source: Path, base: Path, default_state_dir: Pa
         hooks=_hooks(top.child("hooks"), base),
         share_with_group=top.get("share_with_group", bool, False),
         clock_sync_timeout=_clock_sync_timeout(top),
+        jit=_jit_section(top, base),
     )
+
+
+def _claim_section(top: YamlReader, base: Path) -> Optional[ClaimConfig]:
+    if _uses_jit(top, "claim"):
+        return None
+    return _claim(_required_section(top, "claim", "the claim certificate and key (certificate, private_key)"), base)
+
+
+def _provisioning_section(top: YamlReader) -> Optional[ProvisioningConfig]:
+    if _uses_jit(top, "provisioning"):
+        return None
+    return _provisioning(_required_section(top, "provisioning", "the provisioning template (template)"))
+
+
+def _uses_jit(top: YamlReader, section: str) -> bool:
+    """True when the device uses jit: (then ``section``, of fleet provisioning by claim, must be absent)."""
+    if top.child("jit") is None:
+        return False
+    if top.child(section) is not None:
+        raise top.error(
+            section, "jit: and fleet provisioning by claim exclude each other: remove claim: and provisioning:"
+        )
+    return True
+
+
+def _jit_section(top: YamlReader, base: Path) -> Optional[JitConfig]:
+    section = top.child("jit")
+    if section is None:
+        return None
+    section.check_keys(_KEYS["jit"])
+    certificate = _required_path(section, "certificate", base, "the device certificate signed by your CA (PEM)")
+    ca_certificate = _path(section, "ca_certificate", base)
+    key = _required_text(section, "private_key", "the device certificate's private key (PEM, or a pkcs11: URI)")
+    key_path, key_uri = (
+        (None, _key_uri(section)) if key.startswith(URI_SCHEME) else (_path(section, "private_key", base), None)
+    )
+    thing_name = _text(section, "thing_name")
+    if thing_name is not None and "thing_name_from" in section.data:
+        raise section.error("thing_name", "give thing_name or thing_name_from, not both")
+    wait = section.number("wait", 3600.0)
+    if not (math.isfinite(wait) and wait > 0):
+        raise section.error("wait", "must be a positive number of seconds")
+    return JitConfig(
+        certificate=certificate,
+        private_key=key_path,
+        ca_certificate=ca_certificate,
+        private_key_uri=key_uri,
+        thing_name=thing_name,
+        thing_name_from=_choice(section, "thing_name_from", str, JIT_THING_NAME_SOURCES, "common-name"),
+        wait=wait,
+    )
+
+
+def _key_uri(section: YamlReader) -> Pkcs11Uri:
+    """A private key in a token, named by the section's private_key URI (by label: awscrt selects keys so)."""
+    try:
+        uri = parse_pkcs11_uri(section.get("private_key", str))
+    except ValueError as exc:
+        raise section.error("private_key", f"not a usable PKCS#11 URI: {exc}") from None
+    if uri.key_label is None or uri.object_type != "private":
+        raise section.error("private_key", "a key URI names a private key by label (object=...)")
+    return uri
 
 
 def _clock_sync_timeout(top: YamlReader) -> float:
@@ -620,16 +750,14 @@ def _proxy(section: Optional[YamlReader]) -> Optional[ProxyConfig]:
 
 
 def _claim(section: YamlReader, base: Path) -> ClaimConfig:
+    inbox = _path(section, "inbox", base)
+    if inbox is not None:
+        return _trusted_user_claim(section, inbox)
     certificate = _required_path(section, "certificate", base, "the claim certificate (PEM)")
     key = _required_text(section, "private_key", "the claim certificate's private key (PEM, or a pkcs11: URI)")
     remove: bool = section.get("remove_after_success", bool, False)
     if key.startswith(URI_SCHEME):
-        try:
-            uri = parse_pkcs11_uri(key)
-        except ValueError as exc:
-            raise section.error("private_key", f"not a usable PKCS#11 URI: {exc}") from None
-        if uri.key_label is None or uri.object_type != "private":
-            raise section.error("private_key", "a claim key URI names a private key by label (object=...)")
+        uri = _key_uri(section)
         if remove:
             raise section.error(
                 "remove_after_success", "fleetprov removes claim key files only; a key in a token stays there"
@@ -640,6 +768,24 @@ def _claim(section: YamlReader, base: Path) -> ClaimConfig:
         private_key=_required_path(section, "private_key", base, "the claim certificate's private key (PEM)"),
         client_id=_client_id(section),
         remove_after_success=remove,
+    )
+
+
+def _trusted_user_claim(section: YamlReader, inbox: Path) -> ClaimConfig:
+    """Fleet provisioning by trusted user: the claim is the temporary one `fleetprov claim install` left in the
+    inbox, at fixed paths through the inbox's `pending` link."""
+    for key in ("certificate", "private_key", "remove_after_success"):
+        if key in section.data:
+            raise section.error(
+                key, "claim.inbox (temporary claims from a trusted user) replaces certificate and private_key; "
+                "fleetprov removes each temporary claim once used"
+            )  # fmt: skip
+    pending = inbox / PENDING_CLAIM
+    return ClaimConfig(
+        certificate=pending / "certificate.pem",
+        private_key=pending / "private.key",
+        client_id=_client_id(section),
+        inbox=inbox,
     )
 
 

@@ -25,9 +25,10 @@ import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Callable, Optional, TypeVar, Union
 
-from fleetprov.agent import once, record_last_run, store_of
+from fleetprov.agent import WaitingForClaim, once, record_last_run, store_of
 from fleetprov.claim import device_client_id, device_identity, endpoint_of
-from fleetprov.config import Config
+from fleetprov.claim_inbox import ExpiredClaim
+from fleetprov.config import PENDING_CLAIM, Config
 from fleetprov.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, FleetprovError, Refused, StorageError
 from fleetprov.rotation import rotate, rotation_due
 from fleetprov.sdnotify import Notifier, watchdog_loop
@@ -41,6 +42,7 @@ SHUTDOWN_TIMEOUT = 1.0  # seconds for closing the connection on SIGTERM: systemd
 LOST_CLOSE_TIMEOUT = 0.1  # seconds to wait for the disconnect of a connection that is already lost
 ROTATION_RETRY_AFTER_REFUSAL = 3600.0  # seconds: a rotation the service refused is tried again this much later
 WAKE_UP = 3600.0  # seconds: while connected, the rotation time is looked at again at least this often
+INBOX_POLL = 1.0  # seconds between looks into claim.inbox while waiting for a temporary claim
 TRANSIENT_EXITS = (EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR)  # of `fleetprov reprovision`: try again later
 
 
@@ -110,12 +112,15 @@ class Daemon:
         while True:
             self._notifier.status("provisioning: getting this device's identity")
             try:
-                outcome = await once(config, self._environ, verify_existing=False)
+                outcome = await once(config, self._environ, verify_existing=False, report=self._notifier.status)
             except FleetprovError as exc:
                 record_last_run(config.state_dir, exc.exit_code, exc)
                 if not exc.transient:
                     raise
-                await self._pause(config, f"provisioning failed ({exc}); trying again")
+                if isinstance(exc, (WaitingForClaim, ExpiredClaim)):
+                    await self._until_claim_arrives(config, exc)
+                else:
+                    await self._pause(config, f"provisioning failed ({exc}); trying again")
                 continue
             if outcome.provisioned:
                 record_last_run(config.state_dir, EX_OK, None, outcome.abandoned)
@@ -215,6 +220,15 @@ class Daemon:
             if code not in TRANSIENT_EXITS:
                 raise ReprovisionFailed(code)
             await self._pause(config, f"provisioning anew failed (exit status {code})")
+
+    async def _until_claim_arrives(self, config: Config, why: FleetprovError) -> None:
+        """Trusted user: watch the inbox (a temporary claim lives 5 minutes; provisioning starts at once)."""
+        inbox = config.required_claim().inbox
+        log.warning("%s", why.message)
+        self._notifier.status(f"waiting for a temporary claim in {inbox} (fleetprov claim install)")
+        while inbox is not None and not (inbox / PENDING_CLAIM).exists():
+            await self._until_stopped(asyncio.sleep(INBOX_POLL))
+        log.info("a temporary claim arrived in %s", inbox)
 
     async def _pause(self, config: Config, what: str) -> None:
         """Wait a full-jitter exponential delay before the next attempt (cut short by SIGHUP)."""

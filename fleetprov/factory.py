@@ -1,30 +1,48 @@
 """Factory helpers: the openssl steps of a JITP/JITR factory line, without openssl.
 
-keygen  a device private key, PEM, 0600 from its first byte (as ``openssl genrsa`` / ``ecparam -genkey``)
-csr     a CSR with the subject fields JITP templates read (as ``openssl req -new``)
+keygen  a device private key, PEM, 0600 from its first byte (as ``openssl genrsa`` / ``ecparam -genkey``),
+        or a key pair made inside a PKCS#11 token (SENSITIVE, not EXTRACTABLE; as ``pkcs11-tool --keypairgen``)
+csr     a CSR with the subject fields JITP templates read (as ``openssl req -new``), signed by a key file or by
+        a key in a PKCS#11 token, which signs it without the key ever leaving the token
 sign    a device certificate signed by a lab CA (as ``openssl x509 -req -CA ... -CAkey ...``)
 
-Exit codes: 64 bad arguments, 65 a CSR that is unreadable or whose signature does not verify,
-73 an output file that exists already or cannot be written, 78 an unusable key, CA key or CA certificate.
+A token key is named by an RFC 7512 URI, ``pkcs11:token=LABEL;object=KEYLABEL;type=private`` (``id=%01`` may be
+added), with the module (``--pkcs11-library``) and the PIN's source (``--pin-file``, mode 0600, or
+``--pin-env``) given beside it: never the PIN itself, which no message shows. The token's CSR carries the same
+subject, byte for byte, as a key file's (fleetprov.keys.pkcs11.csr_pem signs the DER of subject_name()).
+
+Exit codes: 64 bad arguments (including a token key named without its object label, module or PIN source),
+65 a CSR that is unreadable or whose signature does not verify, 73 an output file that exists already or cannot
+be written, or a token key whose label is taken already, 78 an unusable key, CA key or CA certificate, or a
+token problem (module, token label, PIN, no such key, a key type the token cannot make). Nothing is written on
+any error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import pkcs11
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pkcs11 import Attribute, ObjectClass
 
 from fleetprov.atomicio import write_new
 from fleetprov.errors import EX_DATAERR, ConfigError, FleetprovError, StorageError, UsageError, printable
 from fleetprov.keys.file import PrivateKey, generate_private_key
+from fleetprov.keys.pkcs11 import find_key, generate_key, open_token, token_errors
+from fleetprov.keys.pkcs11_settings import Pkcs11Settings, checked_pin, read_pin_file
+from fleetprov.keys.pkcs11_uri import URI_SCHEME, parse_pkcs11_uri, pkcs11_uri
 
 STEP = "factory"
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
@@ -272,6 +290,157 @@ def sign(csr_path: Path, ca_cert: Path, ca_key: Path, out: Path, days: str) -> x
     certificate = issue(request, ca_certificate, key, valid_days)
     _write_new(out, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
     return certificate
+
+
+# -- keys in a PKCS#11 token ------------------------------------------------------------------------------
+
+TOKEN_OPTIONS = ("--pkcs11-library", "--pin-file", "--pin-env")
+
+
+@dataclass(frozen=True)
+class TokenKey:
+    """A key in a PKCS#11 token as `fleetprov factory` names it: its URI, the module and the PIN's source."""
+
+    uri: str  # canonical RFC 7512 form; never holds a PIN
+    settings: Pkcs11Settings
+
+    def pin_option(self) -> str:
+        """Where the PIN comes from, as messages name it: ``--pin-file /run/pin``; never the PIN."""
+        if self.settings.pin_file is not None:
+            return f"--pin-file {self.settings.pin_file}"
+        return f"--pin-env {self.settings.pin_env}"
+
+
+def is_token_key(key: str) -> bool:
+    """Whether ``--key`` names a key in a PKCS#11 token (a ``pkcs11:`` URI) rather than a key file."""
+    return key.startswith(URI_SCHEME)
+
+
+def token_key(uri: str, library: Optional[Path], pin_file: Optional[Path], pin_env: Optional[str]) -> TokenKey:
+    """The token key ``uri`` names; UsageError (exit 64) if it and the options do not name exactly one.
+
+    Messages never repeat the URI: a mistyped one might carry a PIN (``?pin-value=``), which is refused.
+    """
+    try:
+        parsed = parse_pkcs11_uri(uri)
+    except ValueError as exc:
+        raise UsageError(f"--key is not a usable PKCS#11 URI: {exc}", step=STEP) from None
+    if parsed.object_type != "private":
+        raise UsageError(f"--key must name a private key (type=private), not type={parsed.object_type}", step=STEP)
+    if not parsed.token_label:
+        raise UsageError("--key names no token: the PKCS#11 URI needs token=<token label>", step=STEP)
+    if not parsed.key_label:
+        raise UsageError("--key names no key: the PKCS#11 URI needs object=<key label>", step=STEP)
+    if library is None:
+        raise UsageError(
+            "a pkcs11: --key needs --pkcs11-library (the token's PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so)",
+            step=STEP,
+        )
+    if (pin_file is None) == (pin_env is None):
+        raise UsageError(
+            "a pkcs11: --key needs exactly one of --pin-file FILE (mode 0600) and --pin-env VAR "
+            "(the PIN itself is never taken from the command line)",
+            step=STEP,
+        )
+    if pin_env is not None and (not pin_env or "=" in pin_env or "\0" in pin_env):
+        raise UsageError("--pin-env must name an environment variable", step=STEP)
+    try:
+        settings = Pkcs11Settings(
+            library=library,
+            token_label=parsed.token_label,
+            key_label=parsed.key_label,
+            key_id=parsed.key_id or None,
+            pin_file=pin_file,
+            pin_env=pin_env,
+        )
+    except ValueError as exc:
+        raise UsageError(f"--key: {exc}", step=STEP) from None
+    return TokenKey(pkcs11_uri(parsed.token_label, parsed.key_label, settings.key_id), settings)
+
+
+def no_token_options(library: Optional[Path], pin_file: Optional[Path], pin_env: Optional[str]) -> None:
+    """UsageError if token options come with a key file, where they would be silently ignored."""
+    given = [option for option, value in zip(TOKEN_OPTIONS, (library, pin_file, pin_env)) if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} only go with a key in a token (--key pkcs11:...)", step=STEP)
+
+
+def _token_pin(key: TokenKey, environ: Mapping[str, str]) -> str:
+    settings = key.settings
+    if settings.pin_file is not None:
+        return read_pin_file(settings.pin_file, key.pin_option(), private=True)
+    name = settings.pin_env or ""
+    if name not in environ:
+        raise ConfigError(f"--pin-env: environment variable {name} is not set", step=STEP)
+    return checked_pin(environ[name], f"--pin-env: environment variable {name}")
+
+
+@contextlib.contextmanager
+def _token_session(key: TokenKey, environ: Mapping[str, str]) -> Iterator[pkcs11.Session]:
+    """A logged-in session on the key's token; every error in it reported as a factory error (exit 73 or 78)."""
+    try:
+        pin = _token_pin(key, environ)
+        with open_token(key.settings, pin) as session:
+            yield session
+    except FleetprovError as exc:
+        # fleetprov.keys.pkcs11 names the PIN's source as the config file does (pin_file ...): name the option.
+        exc.message = exc.message.replace(key.settings.pin_source(), key.pin_option())
+        exc.step = STEP
+        raise
+
+
+def _refuse_existing(out: Path) -> None:
+    if out.exists() or out.is_symlink():
+        raise StorageError(f"{out} exists already; not overwriting it", step=STEP)
+
+
+def token_csr(
+    key: TokenKey, out: Path, subject: Subject, environ: Mapping[str, str] = os.environ
+) -> x509.CertificateSigningRequest:
+    """Write to ``out`` (must not exist, mode 0644) a PEM CSR signed in the token by ``key``.
+
+    The subject is the DER of subject_name(subject), so the CSR names the device exactly as csr() does.
+    """
+    name = subject_name(subject)  # bad arguments first, before the PIN or the token
+    _refuse_existing(out)
+    with _token_session(key, environ) as session:
+        found = find_key(session, key.settings.key_label, key.settings.key_id)
+        pem = found.csr_pem(asn1_x509.Name.load(name.public_bytes()))
+    request = x509.load_pem_x509_csr(pem.encode())
+    if not request.is_signature_valid:
+        raise ConfigError(f"the token's signature of the CSR for {key.uri} does not verify", step=STEP)
+    _write_new(out, request.public_bytes(serialization.Encoding.PEM), 0o644)
+    return request
+
+
+def _refuse_taken(session: pkcs11.Session, key: TokenKey) -> None:
+    wanted = {"label": (Attribute.LABEL, key.settings.key_label), "id": (Attribute.ID, key.settings.key_id)}
+    token = repr(key.settings.token_label)
+    with token_errors(f"token {token}", "search for keys"):
+        for what, (attribute, value) in wanted.items():
+            if value is None:
+                continue
+            for object_class, kind in ((ObjectClass.PRIVATE_KEY, "private"), (ObjectClass.PUBLIC_KEY, "public")):
+                if list(session.get_objects({Attribute.CLASS: object_class, attribute: value})):
+                    shown = value.hex() if isinstance(value, bytes) else repr(value)
+                    raise StorageError(
+                        f"token {token} already holds a {kind} key with {what} {shown}; not overwriting it "
+                        "(choose another object= label, or delete that key first)",
+                        step=STEP,
+                    )
+
+
+def token_keygen(key: TokenKey, key_type: str, environ: Mapping[str, str] = os.environ) -> str:
+    """Make a ``key_type`` key pair in the token (private key SENSITIVE, not EXTRACTABLE); its URI.
+
+    StorageError (exit 73) if the token holds a key with that label (or id) already: keys are never replaced.
+    """
+    if key_type not in KEY_TYPES:
+        raise UsageError(f"--key-type must be one of {', '.join(KEY_TYPES)}, not {printable(key_type)!r}", step=STEP)
+    with _token_session(key, environ) as session:
+        _refuse_taken(session, key)
+        made = generate_key(session, key_type, key.settings.key_label, key.settings.key_id)
+        return made.key_reference
 
 
 _SHORT_NAMES = {NameOID.SERIAL_NUMBER: "serialNumber", NameOID.DN_QUALIFIER: "dnQualifier"}

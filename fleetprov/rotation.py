@@ -44,9 +44,10 @@ def rotation_due(config: Config, generation: Generation) -> Optional[float]:
     """When (epoch seconds) ``generation`` should be rotated; None if rotation is off. A little earlier at
     random than configured, so that a fleet provisioned on one day does not rotate in one minute; never
     before half the certificate's life, so that certificates shorter-lived than rotate_before do not make
-    the daemon rotate again and again."""
+    the daemon rotate again and again. JITP/JITR identities are not rotated: their certificates come from the
+    customer's CA, and a new one reaches the device the way the first one did."""
     before = config.daemon.rotate_before
-    if before <= 0:
+    if before <= 0 or config.jit is not None:
         return None
     not_after = parse_iso_utc(generation.manifest.not_after).timestamp()
     provisioned = parse_iso_utc(generation.manifest.provisioned_at).timestamp()
@@ -64,7 +65,7 @@ def rotation_due(config: Config, generation: Generation) -> Optional[float]:
 
 
 def rotation_template(config: Config) -> str:
-    return config.daemon.rotation_template or config.provisioning.template
+    return config.daemon.rotation_template or config.required_provisioning().template
 
 
 async def rotate(
@@ -109,14 +110,14 @@ def _new_key(config: Config, generation: Generation, staging: Staging, environ: 
     common_name = generation.manifest.thing_name
     with step("key"):
         if config.keys.backend != "pkcs11":
-            return prepared(FileKeyBackend().create_key(config.provisioning.key_type, staging), common_name)
+            return prepared(FileKeyBackend().create_key(config.required_provisioning().key_type, staging), common_name)
         settings = config.keys.pkcs11
         if settings is None:
             raise ConfigError("keys.backend is pkcs11, but keys.pkcs11 is missing", step="config")
         # A new label per generation: the old key stays usable (rollback) until its generation is removed.
         label = f"{settings.key_label or 'fleetprov-device'}-g{generation.number + 1}"
-        return prepare_in_child(replace(settings, key_label=label, key_id=None), config.provisioning.key_type,
-                                common_name, environ)  # fmt: skip
+        key_type = config.required_provisioning().key_type
+        return prepare_in_child(replace(settings, key_label=label, key_id=None), key_type, common_name, environ)
 
 
 async def _registered(
@@ -138,7 +139,7 @@ async def _registered(
     log.info("certificate %s issued for the rotation", issued.certificate_id)
     with step("check-certificate"):
         checked = check_certificate(issued.certificate_pem, key.public_key_der, expected_id=issued.certificate_id)
-    parameters = dict(_parameters(config, environ, config.claim.client_id)[0])
+    parameters = dict(_parameters(config, environ, config.required_claim().client_id)[0])
     parameters.setdefault("ThingName", thing)
     with step("register-thing"):
         registration = await client.register_thing(template, issued.ownership_token, parameters)
@@ -151,7 +152,7 @@ async def _registered(
     return Journal(
         staging=staging.path.name,
         method="csr",
-        key_type=config.provisioning.key_type,
+        key_type=config.required_provisioning().key_type,
         template=template,
         endpoint=config.endpoint,
         stage="registered",

@@ -3,10 +3,17 @@
 amqtt 0.12.1 is pinned exactly because this subclass overrides private methods; each override is pinned
 by tests/unit/test_amqtt_guard.py, which fails if amqtt's version of the method changes. The overrides:
 
-* ``_create_ssl_context``: client certificates are required (amqtt only asks for them), TLS >= 1.2, and
-  ALPN ``x-amzn-mqtt-ca`` is offered for MQTT over port 443 as AWS does.
+* ``_create_ssl_context`` (an instance method here, amqtt's is static): client certificates are required
+  (amqtt only asks for them), TLS >= 1.2, and ALPN ``x-amzn-mqtt-ca`` is offered for MQTT over port 443 as AWS
+  does. Client certificates verify against the emulator's CAs and the customer CAs registered with
+  ``fleetprov emulator register-ca``; an ``sni_callback`` records the server name each client sent and, at every
+  handshake, adds CAs registered since (so a CA registered while the emulator runs is trusted at once).
 * ``_handle_client_session``: identify the connection by its certificate before CONNACK, and drop an older
-  connection that uses the same client id, as AWS does.
+  connection that uses the same client id, as AWS does. A certificate unknown to the registry but issued by a
+  registered CA with auto-registration goes through just-in-time registration first (jit.py): that connection is
+  closed without CONNACK, and for JITR the registration event is published with amqtt's
+  ``internal_message_broadcast`` (which queues it through ``_broadcast_message``), so ``_topic_filtering``
+  decides who receives it.
 * ``_authenticate``: only registered ACTIVE certificates whose policy allows iot:Connect get in (and
   ``enforce_certificate_status`` closes a connection whose certificate stops being ACTIVE).
 * ``_topic_filtering``: IoT policies decide publish, subscribe and receive; a denied publish or subscribe
@@ -18,8 +25,11 @@ by tests/unit/test_amqtt_guard.py, which fails if amqtt's version of the method 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
 import ssl
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -30,8 +40,10 @@ from amqtt.session import Session
 
 from fleetprov.emulator.access import ConnectionRefused, Identity, identify
 from fleetprov.emulator.faults import Faults
+from fleetprov.emulator.jit import JitOutcome, JustInTime, run_activation
 from fleetprov.emulator.registry import Registry
 from fleetprov.emulator.service import Caller, ProvisioningService, Reply, parse_request_topic
+from fleetprov.errors import EmulatorError
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +116,11 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
         self._connections: dict[int, Connection] = {}
         # Set once the listener is bound: on port 443, ALPN x-amzn-mqtt-ca is required.
         self.require_alpn = False
+        self.jit = JustInTime(registry, account=account)
+        # The SNI each TLS connection sent (None: none), recorded during its handshake.
+        self._server_names: weakref.WeakKeyDictionary[ssl.SSLObject, Optional[str]] = weakref.WeakKeyDictionary()
+        self._trusted_cas: set[str] = set()  # registered CAs already loaded into the TLS context
+        self._activations: dict[str, asyncio.Task[None]] = {}  # running activation commands by certificate id
 
     def listening_port(self) -> int:
         """The port the listener bound (the configured one, or the free one chosen for port 0)."""
@@ -113,14 +130,35 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
 
     # -- TLS ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _create_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:
+    def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=listener["cafile"])
         context.load_cert_chain(listener["certfile"], listener["keyfile"])
         context.verify_mode = ssl.CERT_REQUIRED
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols([ALPN_MQTT_ON_443])
+        self._trust_registered_cas(context)
+        context.sni_callback = self._on_client_hello
         return context
+
+    def _on_client_hello(self, ssl_object: ssl.SSLObject, server_name: Optional[str], context: ssl.SSLContext) -> None:
+        """OpenSSL's servername callback, called for every ClientHello (server_name None without SNI), before
+        the client's certificate is verified: the moment to trust CAs registered since the last handshake."""
+        self._server_names[ssl_object] = server_name
+        self._trust_registered_cas(context)
+
+    def _trust_registered_cas(self, context: ssl.SSLContext) -> None:
+        """Add the CAs registered since the last call to the live context's trust store (a registered CA cannot
+        be deregistered, so nothing is ever removed). Must not raise: it runs inside the TLS handshake."""
+        try:
+            registered = self.registry.ca_certificate_ids()
+            for ca_id in registered - self._trusted_cas:
+                record = self.registry.ca_certificate(ca_id)
+                if record is not None and record.status == "ACTIVE":
+                    context.load_verify_locations(cadata=record.pem)
+                    log.info("trusting client certificates issued by registered CA %s", ca_id[:12])
+                    self._trusted_cas.add(ca_id)
+        except (sqlite3.Error, ssl.SSLError, EmulatorError) as exc:
+            log.warning("cannot load the registered CA certificates: %s", exc)
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -136,11 +174,16 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
         ssl_object = writer.get_ssl_info()
         peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        server_name = self._server_names.get(ssl_object) if ssl_object is not None else None
         client_id = client_session.client_id or ""
         try:
             if self.require_alpn and alpn != ALPN_MQTT_ON_443:
                 # AWS IoT Core speaks MQTT on 443 only to clients that ask for it with ALPN.
                 raise ConnectionRefused(f"MQTT on port 443 needs TLS ALPN {ALPN_MQTT_ON_443}, got {alpn}")
+            outcome = self.jit.admit(peer_der, server_name) if peer_der else None
+            if outcome is not None:
+                await self._after_just_in_time(client_id, writer, outcome)
+                return
             found = identify(self.registry, peer_der, client_id, region=self.region, account=self.account)
             log.info(
                 "client %r connected: %s certificate %s, TLS ALPN %s",
@@ -161,9 +204,40 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
         self._connections[key] = connection
         try:
             await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+        except OSError as exc:
+            # amqtt closes a refused connection with a TLS shutdown, which fails when the client has already gone
+            # or sent more (SSLError, ConnectionResetError): the connection is over either way, not a bug.
+            log.info("connection %r ended: %s", client_id, exc)
         finally:
             if self._connections.get(key) is connection:
                 del self._connections[key]
+
+    async def _after_just_in_time(self, client_id: str, writer: Any, outcome: JitOutcome) -> None:
+        """Publish the JITR event and start the CA's activation command, if any, then close the connection
+        just-in-time registration handled, without CONNACK: AWS drops it."""
+        log.info("closing connection %r: %s", client_id, outcome.reason)
+        if outcome.event is not None:
+            await self.internal_message_broadcast(outcome.event.topic, outcome.event.payload)
+        activation = outcome.activation
+        if activation is not None and activation.certificate_id in self._activations:
+            # A device retrying every few hundred ms must not pile up commands that all do the same thing.
+            log.info("activation command for certificate %s is still running", activation.certificate_id[:12])
+        elif activation is not None:
+            # Not awaited: the command may connect back, and the broker must go on serving meanwhile.
+            task = asyncio.ensure_future(run_activation(activation, self.registry.path.parent))
+            self._activations[activation.certificate_id] = task
+            task.add_done_callback(lambda _: self._activations.pop(activation.certificate_id, None))
+        # A client that sent more after CONNECT (awscrt subscribes at once) makes the TLS shutdown fail with
+        # APPLICATION_DATA_AFTER_CLOSE_NOTIFY or a reset: the connection is gone either way.
+        with contextlib.suppress(OSError):
+            await writer.close()
+
+    async def shutdown(self) -> None:
+        running = list(self._activations.values())
+        for task in running:
+            task.cancel()  # run_activation kills its command
+        await asyncio.gather(*running, return_exceptions=True)
+        await super().shutdown()
 
     async def _drop_duplicate(self, client_id: str) -> None:
         for connection in list(self._connections.values()):

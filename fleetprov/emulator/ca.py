@@ -123,8 +123,9 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _builder(
-    subject: x509.Name, issuer: x509.Name, public_key: PublicKey, validity: dt.timedelta
-) -> x509.CertificateBuilder:
+    subject: x509.Name, issuer: x509.Name, public_key: PublicKey, validity: dt.timedelta,
+    backdate: dt.timedelta = BACKDATE,
+) -> x509.CertificateBuilder:  # fmt: skip
     now = _now()
     # Seconds only: X.509 drops the fraction, so not_after is issue time + validity rounded down.
     not_after = LATEST_NOT_AFTER if validity >= LATEST_NOT_AFTER - now else now + validity
@@ -134,7 +135,7 @@ def _builder(
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
+        .not_valid_before(now - backdate)
         .not_valid_after(not_after)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
@@ -201,11 +202,13 @@ class CertificateAuthority:
         return cls(cert, key)
 
     def sign_client(
-        self, public_key: PublicKey, common_name: str, validity: dt.timedelta | None = None
-    ) -> IssuedCertificate:
-        """A client certificate valid from a little before now for ``validity`` (default: device_validity)."""
+        self, public_key: PublicKey, common_name: str, validity: dt.timedelta | None = None,
+        backdate: dt.timedelta = BACKDATE,
+    ) -> IssuedCertificate:  # fmt: skip
+        """A client certificate valid from ``backdate`` before now to ``validity`` (default: device_validity)
+        after now."""
         lifetime = self.device_validity if validity is None else validity
-        builder = _builder(_name(common_name), self.cert.subject, public_key, lifetime)
+        builder = _builder(_name(common_name), self.cert.subject, public_key, lifetime, backdate)
         cert = _leaf_extensions(builder, self.cert, ExtendedKeyUsageOID.CLIENT_AUTH).sign(self.key, hashes.SHA256())
         return IssuedCertificate(
             certificate_pem=_cert_pem(cert).decode(),

@@ -98,6 +98,28 @@ def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
     claim.add_argument("--out", type=Path, required=True, help="directory for claim.pem and claim.key")
     claim.set_defaults(handler=_claim)
 
+    from fleetprov.emulator.jit_cli import add_jit_commands  # here: jit_cli uses this module's helpers
+
+    add_jit_commands(commands)
+
+    temporary = commands.add_parser(
+        "create-provisioning-claim",
+        help="CreateProvisioningClaim: a temporary claim certificate and key for one template into --out",
+        description="Issue a temporary claim (fleet provisioning by trusted user) into OUT/claim.pem and "
+        "OUT/claim.key (0600), registered ACTIVE with a policy of its own that allows provisioning through "
+        "--template only. Valid from 5 seconds before now for --validity seconds. Existing files are never "
+        "overwritten. Exit codes: 64 bad --validity, 73 files exist or cannot be written, 78 unknown template "
+        "or no emulator state.",
+    )  # fmt: skip
+    _state_dir(temporary)
+    temporary.add_argument("--template", required=True, help="the one provisioning template the claim may use")
+    temporary.add_argument("--out", type=Path, required=True, help="directory for claim.pem and claim.key")
+    temporary.add_argument(
+        "--validity", type=float, default=300, metavar="SECONDS",
+        help="lifetime of the claim certificate (default 300: 5 minutes, as AWS)",
+    )  # fmt: skip
+    temporary.set_defaults(handler=_create_provisioning_claim)
+
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, required=True, help="the emulator's state directory")
@@ -257,6 +279,25 @@ def _claim(args: argparse.Namespace) -> int:
             "certificateId": claim.certificate_id,
             "certificate": str(claim.certificate),
             "privateKey": str(claim.private_key),
+        }
+    )
+    return EX_OK
+
+
+def _create_provisioning_claim(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from fleetprov.emulator.ca import ensure_ca_material
+    from fleetprov.emulator.claims import issue_temporary_claim
+
+    registry = _existing_registry(args.state_dir)
+    claim = issue_temporary_claim(registry, ensure_ca_material(args.state_dir), args.out, args.template, args.validity)
+    _print_json(
+        {
+            "certificateId": claim.files.certificate_id,
+            "certificatePath": str(claim.files.certificate),
+            "keyPath": str(claim.files.private_key),
+            "expiration": claim.not_after.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     )
     return EX_OK

@@ -17,8 +17,12 @@ from typing import Any, Optional
 
 from fleetprov.errors import EmulatorError
 
-SCHEMA_VERSION = 1  # PRAGMA user_version; bump on any schema change
+SCHEMA_VERSION = 2  # PRAGMA user_version; bump on any schema change
+# Versions this code upgrades in place: each later version only added tables, which _SCHEMA creates.
+# 2 added ca_certificates.
+UPGRADABLE_VERSIONS = frozenset({1})
 CERTIFICATE_STATUSES = ("ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION")
+CA_MODES = ("DEFAULT", "SNI_ONLY")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
@@ -62,6 +66,16 @@ CREATE TABLE IF NOT EXISTS templates (
     hook TEXT,                          -- JSON list of argv, or NULL
     hook_cwd TEXT                       -- directory the hook runs in
 );
+CREATE TABLE IF NOT EXISTS ca_certificates (  -- customer CAs, for JITP and JITR
+    id TEXT PRIMARY KEY,                -- SHA-256 of the DER, as for device certificates
+    pem TEXT NOT NULL,
+    status TEXT NOT NULL,
+    auto_registration INTEGER NOT NULL, -- 0 or 1
+    template TEXT,                      -- JITP template body (JSON), or NULL for JITR
+    mode TEXT NOT NULL,                 -- DEFAULT or SNI_ONLY
+    activation_command TEXT,            -- run at each JITR registration event, or NULL
+    created_at REAL NOT NULL
+);
 """
 
 
@@ -87,6 +101,18 @@ class ThingRecord:
 
 
 @dataclass(frozen=True)
+class CaCertificateRecord:
+    ca_certificate_id: str
+    pem: str
+    status: str
+    auto_registration: bool
+    template: Optional[str]  # JITP template body; None: JITR (or no auto-registration at all)
+    mode: str
+    activation_command: Optional[str]
+    created_at: float
+
+
+@dataclass(frozen=True)
 class TemplateRecord:
     name: str
     body: str
@@ -103,7 +129,7 @@ class Registry:
             self._db.execute("PRAGMA synchronous=NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             has_tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
-            if has_tables and version != SCHEMA_VERSION:
+            if has_tables and version != SCHEMA_VERSION and version not in UPGRADABLE_VERSIONS:
                 raise EmulatorError(
                     f"registry {path} has schema version {version}, this emulator needs {SCHEMA_VERSION}: "
                     "start with a new state directory"
@@ -319,3 +345,51 @@ class Registry:
 
     def template_names(self) -> list[str]:
         return self._column("SELECT name FROM templates ORDER BY name")
+
+    # -- customer CA certificates --------------------------------------------------------------
+
+    _CA_COLUMNS = "id, pem, status, auto_registration, template, mode, activation_command, created_at"
+
+    def put_ca_certificate(self, record: CaCertificateRecord) -> None:
+        """Register a CA, or change its settings (keeping when it was first registered)."""
+        if record.mode not in CA_MODES:
+            raise ValueError(record.mode)
+        first = self._one("SELECT created_at FROM ca_certificates WHERE id = ?", (record.ca_certificate_id,))
+        self._db.execute(
+            f"INSERT OR REPLACE INTO ca_certificates ({self._CA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.ca_certificate_id,
+                record.pem,
+                record.status,
+                int(record.auto_registration),
+                record.template,
+                record.mode,
+                record.activation_command,
+                first[0] if first else record.created_at,
+            ),
+        )
+
+    def ca_certificate(self, ca_certificate_id: str) -> Optional[CaCertificateRecord]:
+        row = self._one(f"SELECT {self._CA_COLUMNS} FROM ca_certificates WHERE id = ?", (ca_certificate_id,))
+        return _ca_record(row) if row else None
+
+    def ca_certificates(self) -> list[CaCertificateRecord]:
+        rows = self._db.execute(f"SELECT {self._CA_COLUMNS} FROM ca_certificates ORDER BY created_at, id")
+        return [_ca_record(row) for row in rows]
+
+    def ca_certificate_ids(self) -> frozenset[str]:
+        """Cheap enough to ask at every TLS handshake (a few rows at most)."""
+        return frozenset(self._column("SELECT id FROM ca_certificates"))
+
+
+def _ca_record(row: tuple[Any, ...]) -> CaCertificateRecord:
+    return CaCertificateRecord(
+        ca_certificate_id=row[0],
+        pem=row[1],
+        status=row[2],
+        auto_registration=bool(row[3]),
+        template=row[4],
+        mode=row[5],
+        activation_command=row[6],
+        created_at=row[7],
+    )

@@ -26,7 +26,7 @@ from typing import Any, Optional
 from fleetprov.atomicio import write_atomic
 from fleetprov.emulator.broker import EmulatorBroker
 from fleetprov.emulator.ca import CaMaterial, device_validity_problem, ensure_ca_material
-from fleetprov.emulator.claims import ClaimFiles, existing_claim, issue_claim
+from fleetprov.emulator.claims import ClaimFiles, attach_claim_policy, existing_claim, issue_claim
 from fleetprov.emulator.cloudformation import CloudStack, read_stack
 from fleetprov.emulator.faults import Faults
 from fleetprov.emulator.policy import Policy, PolicyError, claim_policy_document
@@ -61,8 +61,7 @@ def create_claim(
     """Issue a claim certificate and key into ``out_dir``, registered ACTIVE with the claim policy."""
     with registry.transaction():
         files = issue_claim(registry, material, out_dir)
-        registry.put_policy(CLAIM_POLICY_NAME, json.dumps(claim_policy_document(templates), sort_keys=True))
-        registry.attach_policy(CLAIM_POLICY_NAME, files.certificate_id)
+        attach_claim_policy(registry, CLAIM_POLICY_NAME, templates, files.certificate_id)
     return files
 
 

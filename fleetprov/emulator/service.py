@@ -21,11 +21,9 @@ from fleetprov.emulator.ca import CertificateAuthority, CsrRejected
 from fleetprov.emulator.codec import PayloadError, decode_payload, encode_payload
 from fleetprov.emulator.faults import Faults
 from fleetprov.emulator.hooks import run_hook
-from fleetprov.emulator.policy import Policy, PolicyError
 from fleetprov.emulator.registry import Registry
-from fleetprov.emulator.templates import ProvisioningPlan, TemplateError, ThingSpec, evaluate, parse_template
-from fleetprov.errors import EmulatorError
-from fleetprov.provisioning import THING_NAME
+from fleetprov.emulator.resources import ApiRejection, apply_plan
+from fleetprov.emulator.templates import TemplateError, evaluate, parse_template
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +70,6 @@ class Reply:
     topic: str
     payload: bytes
     accepted: bool
-
-
-class ApiRejection(EmulatorError):
-    """Ends a request with a ``/rejected`` reply."""
-
-    def __init__(self, status_code: int, error_code: str, error_message: str) -> None:
-        super().__init__(error_message)
-        self.status_code = status_code
-        self.error_code = error_code
-        self.error_message = error_message
 
 
 def token_hash(token: str) -> str:
@@ -261,7 +249,10 @@ class ProvisioningService:
             plan = evaluate(template, parameters)
         except TemplateError as exc:
             raise ApiRejection(exc.status_code, exc.error_code, exc.message) from exc
-        self._apply(plan, certificate_id)
+        with self.registry.transaction():
+            if self.registry.certificate(certificate_id) is None:  # its token expired while the hook ran
+                raise ApiRejection(400, "InvalidCertificateOwnershipToken", "Certificate ownership token has expired.")
+            apply_plan(self.registry, plan, certificate_id, now=self._clock())
         log.info(
             "RegisterThing %s for %s: thing %s, certificate %s",
             template_name,
@@ -291,90 +282,6 @@ class ProvisioningService:
         if record.token_expires_at is None or record.token_expires_at < self._clock():
             raise ApiRejection(400, "InvalidCertificateOwnershipToken", "Certificate ownership token has expired.")
         return record.certificate_id, record.pem
-
-    def _apply(self, plan: ProvisioningPlan, certificate_id: str) -> None:
-        if plan.certificate is None:
-            raise ApiRejection(400, "InvalidParameters", "template declares no AWS::IoT::Certificate resource")
-        if plan.certificate.certificate_id != certificate_id:
-            raise ApiRejection(
-                400,
-                "InvalidParameters",
-                "the template's CertificateId is not the certificate of the ownership token",
-            )
-        policies = [self._policy_for(spec.policy_name, spec.policy_document) for spec in plan.policies]
-        with self.registry.transaction():
-            if plan.thing is not None:
-                self._put_thing(plan.thing)
-                self.registry.attach_thing_principal(plan.thing.thing_name, certificate_id)
-            current = self.registry.certificate(certificate_id)
-            if current is None:  # its token expired while the hook ran, and the sweeper deleted it
-                raise ApiRejection(400, "InvalidCertificateOwnershipToken", "Certificate ownership token has expired.")
-            keep_status = current.status != "PENDING_ACTIVATION" and plan.certificate.status_override == "DO_NOTHING"
-            if not keep_status:
-                self.registry.set_certificate_status(certificate_id, plan.certificate.status)
-            for name, document in policies:
-                self.registry.put_policy(name, document)
-                self.registry.attach_policy(name, certificate_id)
-
-    def _policy_for(self, name: Optional[str], document: Optional[str]) -> tuple[str, str]:
-        if document is None:
-            name = name or ""
-            existing = self.registry.policy_document(name)
-            if existing is None:
-                raise ApiRejection(404, "ResourceNotFound", f"policy {name} does not exist")
-            return name, existing
-        try:
-            Policy.parse(name or "policy", document)
-        except PolicyError as exc:
-            raise ApiRejection(400, "InvalidParameters", f"PolicyDocument: {exc.message}") from exc
-        # AWS names an inline policy after the hash of its document when PolicyName is absent.
-        return name or hashlib.sha256(document.encode()).hexdigest(), document
-
-    def _put_thing(self, spec: ThingSpec) -> None:
-        for kind, label, names in (
-            ("thing_groups", "thing group", spec.thing_groups),
-            ("thing_types", "thing type", (spec.thing_type_name,) if spec.thing_type_name else ()),
-            ("billing_groups", "billing group", (spec.billing_group,) if spec.billing_group else ()),
-        ):
-            for name in names:
-                if not self.registry.named_exists(kind, name):
-                    raise ApiRejection(404, "ResourceNotFound", f"{label} {name} does not exist")
-        if not THING_NAME.fullmatch(spec.thing_name):
-            raise ApiRejection(
-                400,
-                "InvalidParameters",
-                f"thing name {spec.thing_name[:40]!r} is not 1-128 characters of letters, digits, ':', '_' or '-'",
-            )
-        existing = self.registry.thing(spec.thing_name)
-        attributes: Mapping[str, str] = spec.attributes
-        thing_type = spec.thing_type_name
-        groups = tuple(sorted(set(spec.thing_groups)))  # membership is a set, as in AWS
-        if existing is not None:
-            merged_attributes = {**existing.attributes, **spec.attributes}
-            attributes = _override("AttributePayload", spec, existing.attributes, spec.attributes, merged_attributes)
-            thing_type = _override("ThingTypeName", spec, existing.thing_type, spec.thing_type_name, None)
-            merged_groups = tuple(sorted({*existing.groups, *groups}))
-            groups = _override("ThingGroups", spec, existing.groups, groups, merged_groups)
-        self.registry.put_thing(
-            spec.thing_name,
-            thing_type=thing_type,
-            attributes=attributes,
-            billing_group=spec.billing_group or (existing.billing_group if existing else None),
-            groups=groups,
-            now=self._clock(),
-        )
-
-
-def _override(prop: str, spec: ThingSpec, old: Any, new: Any, merged: Any) -> Any:
-    """Apply OverrideSettings to one property of a thing that already exists (default: DO_NOTHING)."""
-    setting = spec.overrides.get(prop, "DO_NOTHING")
-    if setting == "REPLACE":
-        return new
-    if setting == "MERGE":
-        return merged
-    if setting == "FAIL" and old != new:
-        raise ApiRejection(409, "ResourceConflictsException", f"thing {spec.thing_name} exists with a different {prop}")
-    return old
 
 
 def _string_parameters(value: object) -> dict[str, str]:

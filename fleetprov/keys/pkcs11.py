@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, cast
+from typing import TYPE_CHECKING, Optional, Union, cast
 
 import pkcs11
 from asn1crypto import csr as asn1_csr
@@ -414,14 +414,23 @@ def public_key_der(public_key: pkcs11.PublicKey) -> bytes:
     raise ConfigError(f"key type {public_key.key_type!r} is neither EC nor RSA", step=STEP)
 
 
-def csr_pem(private_key: pkcs11.PrivateKey, public_key_der: bytes, common_name: str) -> str:
-    """A PKCS#10 request for ``public_key_der`` with subject CN=common_name, signed (SHA-256) in the token."""
-    if not 1 <= len(common_name) <= 64:  # ub-common-name, as cryptography enforces for FileKey
-        raise ValueError("a common name has 1 to 64 characters")
+def csr_pem(private_key: pkcs11.PrivateKey, public_key_der: bytes, subject: Union[str, asn1_x509.Name]) -> str:
+    """A PKCS#10 request for ``public_key_der``, signed (SHA-256) in the token.
+
+    ``subject`` is a common name (subject CN=subject) or a whole X.509 name; a name loaded from DER (e.g.
+    ``asn1_x509.Name.load(cryptography_name.public_bytes())``) goes into the request exactly as encoded, string
+    types included.
+    """
+    if isinstance(subject, str):
+        if not 1 <= len(subject) <= 64:  # ub-common-name, as cryptography enforces for FileKey
+            raise ValueError("a common name has 1 to 64 characters")
+        name = asn1_x509.Name.build({"common_name": subject})
+    else:
+        name = subject
     info = asn1_csr.CertificationRequestInfo(
         {
             "version": "v1",
-            "subject": asn1_x509.Name.build({"common_name": common_name}),
+            "subject": name,
             "subject_pk_info": asn1_keys.PublicKeyInfo.load(public_key_der),
             "attributes": [],
         }
@@ -470,8 +479,9 @@ class Pkcs11Key:
     def key_reference(self) -> str:
         return self._reference
 
-    def csr_pem(self, common_name: str) -> str:
-        return csr_pem(self._private_key, self._public_key_der, common_name)
+    def csr_pem(self, subject: Union[str, asn1_x509.Name]) -> str:
+        """A CSR signed in the token, for a common name (DeviceKey) or a whole subject name (csr_pem)."""
+        return csr_pem(self._private_key, self._public_key_der, subject)
 
     def public_key_der(self) -> bytes:
         return self._public_key_der

@@ -70,7 +70,7 @@ class Pkcs11Settings:
 def read_pin(settings: Pkcs11Settings, environ: Mapping[str, str]) -> str:
     """The PIN from the one configured source; ConfigError (exit 78) naming the source if it has none."""
     if settings.pin_file is not None:
-        return _read_pin_file(settings.pin_file, f"pin_file {settings.pin_file}", private=True)
+        return read_pin_file(settings.pin_file, f"pin_file {settings.pin_file}", private=True)
     if settings.pin_env is not None:
         return _pin_from_env(settings.pin_env, environ)
     return _pin_from_credential(settings.pin_credential or "", environ)  # __post_init__: the one source left
@@ -79,7 +79,7 @@ def read_pin(settings: Pkcs11Settings, environ: Mapping[str, str]) -> str:
 def _pin_from_env(name: str, environ: Mapping[str, str]) -> str:
     if name not in environ:
         raise ConfigError(f"pin_env: environment variable {name} is not set", step="config")
-    return _checked(environ[name], f"pin_env: environment variable {name}")
+    return checked_pin(environ[name], f"pin_env: environment variable {name}")
 
 
 def _pin_from_credential(name: str, environ: Mapping[str, str]) -> str:
@@ -92,10 +92,10 @@ def _pin_from_credential(name: str, environ: Mapping[str, str]) -> str:
         )
     # The credentials directory is systemd's, private to the unit: no mode check.
     path = Path(directory) / name
-    return _read_pin_file(path, f"pin_credential {name} ({path})", private=False)
+    return read_pin_file(path, f"pin_credential {name} ({path})", private=False)
 
 
-def _read_pin_file(path: Path, source: str, *, private: bool) -> str:
+def read_pin_file(path: Path, source: str, *, private: bool) -> str:
     if not path.is_file():
         raise ConfigError(f"{source} does not exist or is not a file", step="config")
     mode = stat.S_IMODE(path.stat().st_mode)
@@ -109,10 +109,10 @@ def _read_pin_file(path: Path, source: str, *, private: bool) -> str:
         text = data.decode()
     except UnicodeDecodeError:  # from None: the exception quotes the bytes it could not decode
         raise ConfigError(f"{source}: the PIN is not UTF-8 text", step="config") from None
-    return _checked(text.removesuffix("\n"), source)
+    return checked_pin(text.removesuffix("\n"), source)
 
 
-def _checked(pin: str, source: str) -> str:
+def checked_pin(pin: str, source: str) -> str:
     if not pin:
         raise ConfigError(f"{source}: the PIN is empty", step="config")
     if "\n" in pin or "\0" in pin:

@@ -105,7 +105,7 @@ def test_errors_are_one_line_with_their_exit_codes(tmp_path: Path, lab_ca: tuple
 @pytest.mark.parametrize(
     ("step", "options"),
     [
-        ("keygen", ["--out", "--key-type"]),
+        ("keygen", ["--out", "--key", "--key-type", "--pkcs11-library", "--pin-file", "--pin-env"]),
         (
             "csr",
             [
@@ -118,6 +118,9 @@ def test_errors_are_one_line_with_their_exit_codes(tmp_path: Path, lab_ca: tuple
                 "--state",
                 "--serial-number",
                 "--dn-qualifier",
+                "--pkcs11-library",
+                "--pin-file",
+                "--pin-env",
             ],
         ),
         ("sign", ["--csr", "--ca-cert", "--ca-key", "--out", "--days"]),

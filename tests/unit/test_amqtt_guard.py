@@ -33,6 +33,12 @@ FINGERPRINTS = {
     "Broker._start_listeners": "5ac2d716d33babb4334ca4a82ec1908c254aa4f02331152aa8d39b64b25464a7",
     "BrokerProtocolHandler.handle_connection_closed": "e9c448557a8dab58d47f5844487af234a8694d4436bfbd05cdb8abad8c1c5f47",  # noqa: E501
     "BrokerProtocolHandler.handle_disconnect": "63b454d06eab58f8650bb6b62fd65845b1e1784753301524e86532bebc190cb5",
+    # JITR: the registration event is published with internal_message_broadcast, which queues it for
+    # _run_broadcast through _broadcast_message; shutdown is extended to stop running activation commands, and
+    # _start_listeners calls _create_ssl_context on the instance (ours is an instance method).
+    "Broker.internal_message_broadcast": "737942352c1c919dfdbc0e53e70e3118ba473b6b91bd6dcd25d993f7b3cca926",
+    "Broker._broadcast_message": "78ad4edb7efb3b7276857d6c91c80da0377cf54b1e0856c84c6df3df6a54c225",
+    "Broker.shutdown": "800adcdd80ded223282d12929cf2fe10e0009001cf488e1a4652794a0a715608",
 }
 
 _OWNERS = {"Broker": Broker, "BrokerProtocolHandler": BrokerProtocolHandler}
@@ -60,9 +66,11 @@ def test_amqtt_internal_unchanged(qualified: str) -> None:
     ["_create_ssl_context", "_handle_client_session", "_authenticate", "_topic_filtering", "_handle_message_delivery"],
 )
 def test_overrides_keep_amqtt_signatures(name: str) -> None:
-    ours = inspect.signature(getattr(EmulatorBroker, name))
-    theirs = inspect.signature(getattr(Broker, name))
-    assert list(ours.parameters) == list(theirs.parameters)
+    ours = list(inspect.signature(getattr(EmulatorBroker, name)).parameters)
+    theirs = list(inspect.signature(getattr(Broker, name)).parameters)
+    if isinstance(inspect.getattr_static(Broker, name), staticmethod) and ours[:1] == ["self"]:
+        ours = ours[1:]  # amqtt calls it as self._create_ssl_context(listener): an instance method fits
+    assert ours == theirs
 
 
 def test_servers_attribute_still_exists() -> None:

@@ -501,7 +501,7 @@ def test_env_errors_name_the_variable_and_the_key(tmp_path: Path, name: str, val
         ("FLEETPROV_PROXY__HOTS", r"proxy: no key 'HOTS' \(known: host, port, username, password\)$"),
         (
             "FLEETPROV_CLAIM__CERT",
-            r"claim: no key 'CERT' \(known: certificate, private_key, client_id, remove_after_success\)$",
+            r"claim: no key 'CERT' \(known: certificate, private_key, client_id, remove_after_success, inbox\)$",
         ),
         ("FLEETPROV_PORT__NUMBER", r"port: not a section, it has no key 'NUMBER'$"),
         ("FLEETPROV_PROVISIONING__PARAMETERS__STATIC__A__B", r"provisioning\.parameters\.static\.A: not a section"),

@@ -1,7 +1,7 @@
 """The claim inbox: where a trusted user's installer leaves a temporary claim (fleet provisioning by trusted
 user, AWS CreateProvisioningClaim) for fleetprov to provision with. One claim at most is pending.
 
-    <inbox>/                     0700, the daemon user's (``claim.inbox``, default ``<state_dir>/claim-inbox``)
+    <inbox>/                     0700, the daemon user's (``claim.inbox``)
       pending -> .claim-<random> the one pending claim: a symlink, switched atomically
       .claim-<random>/           0700, complete before ``pending`` points at it, never changed afterwards
         certificate.pem          0644
@@ -53,7 +53,7 @@ from fleetprov.errors import EX_DATAERR, FleetprovError, StorageError
 
 log = logging.getLogger(__name__)
 
-PENDING = "pending"  # the symlink to the pending claim (config.PENDING_CLAIM)
+PENDING = "pending"  # the symlink to the pending claim (config.py reads the claim through it)
 CERTIFICATE_FILE = "certificate.pem"
 KEY_FILE = "private.key"
 CLAIM_PREFIX = ".claim-"

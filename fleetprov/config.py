@@ -26,6 +26,9 @@ from typing import Any, Optional
 
 import yaml
 
+from fleetprov.claim_inbox import CERTIFICATE_FILE as CLAIM_CERTIFICATE_FILE
+from fleetprov.claim_inbox import KEY_FILE as CLAIM_KEY_FILE
+from fleetprov.claim_inbox import PENDING as PENDING_CLAIM
 from fleetprov.errors import ConfigError
 from fleetprov.facts import FACT_NAMES
 from fleetprov.keys.pkcs11_settings import Pkcs11Settings
@@ -85,7 +88,6 @@ class ClaimConfig:
     inbox: Optional[Path] = None  # trusted user: temporary claims arrive here (`fleetprov claim install`)
 
 
-PENDING_CLAIM = "pending"  # the inbox's symlink to the one claim waiting to be used (fleetprov/claim_inbox.py)
 JIT_THING_NAME_SOURCES = ("common-name", "serial-number", "certificate-id")
 
 
@@ -782,8 +784,8 @@ def _trusted_user_claim(section: YamlReader, inbox: Path) -> ClaimConfig:
             )  # fmt: skip
     pending = inbox / PENDING_CLAIM
     return ClaimConfig(
-        certificate=pending / "certificate.pem",
-        private_key=pending / "private.key",
+        certificate=pending / CLAIM_CERTIFICATE_FILE,
+        private_key=pending / CLAIM_KEY_FILE,
         client_id=_client_id(section),
         inbox=inbox,
     )

@@ -27,8 +27,8 @@ from typing import Callable, Optional, TypeVar, Union
 
 from fleetprov.agent import WaitingForClaim, once, record_last_run, store_of
 from fleetprov.claim import device_client_id, device_identity, endpoint_of
-from fleetprov.claim_inbox import ExpiredClaim
-from fleetprov.config import PENDING_CLAIM, Config
+from fleetprov.claim_inbox import PENDING, ExpiredClaim
+from fleetprov.config import Config
 from fleetprov.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, FleetprovError, Refused, StorageError
 from fleetprov.rotation import rotate, rotation_due
 from fleetprov.sdnotify import Notifier, watchdog_loop
@@ -226,7 +226,7 @@ class Daemon:
         inbox = config.required_claim().inbox
         log.warning("%s", why.message)
         self._notifier.status(f"waiting for a temporary claim in {inbox} (fleetprov claim install)")
-        while inbox is not None and not (inbox / PENDING_CLAIM).exists():
+        while inbox is not None and not (inbox / PENDING).exists():
             await self._until_stopped(asyncio.sleep(INBOX_POLL))
         log.info("a temporary claim arrived in %s", inbox)
 

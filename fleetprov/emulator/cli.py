@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fleetprov.errors import EX_OK, EmulatorError
+from fleetprov.errors import EX_OK, EmulatorError, UsageError
 
 
 def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +91,19 @@ def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
         "--claim-key", type=Path,
         help="the claim's private key, when the emulator issued the claim certificate from a CSR made elsewhere",
     )  # fmt: skip
+    device.add_argument(
+        "--inbox", type=Path,
+        help="trusted user: claim.inbox instead of the claim (temporary claims from create-provisioning-claim, "
+        "handed over with `fleetprov claim install`)",
+    )  # fmt: skip
+    device.add_argument(
+        "--jit-certificate", type=Path, metavar="CERT",
+        help="JITP/JITR: jit: with this device certificate (from a CA given to register-ca) instead of a claim",
+    )  # fmt: skip
+    device.add_argument(
+        "--jit-key", type=Path, metavar="KEY", help="the device certificate's key (with --jit-certificate)"
+    )
+    device.add_argument("--jit-ca", type=Path, metavar="CA", help="the CA certificate, sent as the chain (optional)")
     device.set_defaults(handler=_device_config)
 
     claim = commands.add_parser("claim", help="issue another claim certificate and key into --out")
@@ -230,11 +243,7 @@ def _device_config(args: argparse.Namespace) -> int:
         )
     host = "localhost" if endpoint["host"] in ("127.0.0.1", "::1", "localhost") else endpoint["host"]
     device_state = args.state_dir_for_device or Path.cwd() / "fleetprov-state"
-    config = {
-        "endpoint": host,
-        "port": endpoint["port"],
-        "root_ca": endpoint["root_ca"],
-        "mqtt_version": args.protocol,
+    way_in: dict[str, Any] = {
         "claim": {"certificate": endpoint["claim_certificate"], "private_key": claim_key},
         "provisioning": {
             "template": template,
@@ -242,6 +251,17 @@ def _device_config(args: argparse.Namespace) -> int:
             "key_type": args.key_type,
             "parameters": {"static": {"SerialNumber": args.serial or f"emu-{secrets.token_hex(4)}"}},
         },
+    }
+    if args.inbox is not None:
+        way_in["claim"] = {"inbox": str(args.inbox.resolve())}
+    if args.jit_certificate is not None:
+        way_in = {"jit": _jit_section(args)}
+    config = {
+        "endpoint": host,
+        "port": endpoint["port"],
+        "root_ca": endpoint["root_ca"],
+        "mqtt_version": args.protocol,
+        **way_in,
         "state_dir": str(device_state.resolve()),
         # Short retries: against a local emulator, waiting minutes for a transient failure helps nobody.
         "retry": {"initial_delay": 0.2, "max_delay": 2, "budget": 20, "max_attempts": 5},
@@ -251,6 +271,16 @@ def _device_config(args: argparse.Namespace) -> int:
     sys.stdout.write(f"# fleetprov configuration for the emulator in {args.state_dir}\n")
     sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
     return EX_OK
+
+
+def _jit_section(args: argparse.Namespace) -> dict[str, str]:
+    """jit: for a device that holds a certificate from a CA registered with `register-ca`."""
+    if args.jit_key is None:
+        raise UsageError("--jit-certificate needs --jit-key (the device certificate's private key)")
+    section = {"certificate": str(args.jit_certificate.resolve()), "private_key": str(args.jit_key.resolve())}
+    if args.jit_ca is not None:
+        section["ca_certificate"] = str(args.jit_ca.resolve())
+    return section
 
 
 def _pkcs11_section(args: argparse.Namespace) -> dict[str, str]:

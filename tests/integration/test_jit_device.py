@@ -13,48 +13,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fleetprov import factory
 from tests.agentprocess import manifest_of
+from tests.softhsm import make_token
 from tests.support import Emulator, device_config, fleetprov
 
 FAST = {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 1}
 RETRY = {"initial_delay": 0.2, "max_delay": 1}
 
-JITP_TEMPLATE = {
-    "Parameters": {
-        "AWS::IoT::Certificate::CommonName": {"Type": "String"},
-        "AWS::IoT::Certificate::SerialNumber": {"Type": "String"},
-        "AWS::IoT::Certificate::Id": {"Type": "String"},
-    },
-    "Resources": {
-        "thing": {
-            "Type": "AWS::IoT::Thing",
-            "Properties": {
-                "ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"},
-                "AttributePayload": {"serialNumber": {"Ref": "AWS::IoT::Certificate::SerialNumber"}},
-            },
-        },
-        "certificate": {
-            "Type": "AWS::IoT::Certificate",
-            "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"},
-        },
-        "policy": {
-            "Type": "AWS::IoT::Policy",
-            "Properties": {
-                "PolicyDocument": json.dumps(
-                    {
-                        "Version": "2012-10-17",
-                        "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}],
-                    }
-                )
-            },
-        },
-    },
-}
+JITP_TEMPLATE_FILE = Path(__file__).resolve().parents[2] / "configs" / "aws" / "jitp-template.json"
 
 DEVICE_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]}
 
@@ -90,12 +62,14 @@ def _register_ca(emulator: Emulator, ca: Path, *options: str) -> str:
 
 
 def _jit_config(emulator: Emulator, directory: Path, cert: Path, key: Path, ca: Path, **jit: Any) -> Path:
-    """The emulator's device config with jit: instead of claim: and provisioning:."""
-    config = device_config(emulator, directory)
+    """The emulator's device config for a JIT device (jit: instead of claim: and provisioning:)."""
+    config = device_config(
+        emulator, directory, "--jit-certificate", str(cert), "--jit-key", str(key), "--jit-ca", str(ca)
+    )
     settings = yaml.safe_load(config.read_text())
-    for section in ("claim", "provisioning"):
-        settings.pop(section)
-    settings["jit"] = {"certificate": str(cert), "private_key": str(key), "ca_certificate": str(ca), **jit}
+    assert "claim" not in settings and "provisioning" not in settings
+    assert settings["jit"] == {"certificate": str(cert), "private_key": str(key), "ca_certificate": str(ca)}
+    settings["jit"].update(jit)
     settings["daemon"] = {**(settings.get("daemon") or {}), **FAST}
     settings["retry"] = {**(settings.get("retry") or {}), **RETRY}
     config.write_text(yaml.safe_dump(settings))
@@ -110,9 +84,7 @@ def _certificate(emulator: Emulator, certificate_id: str) -> dict[str, Any]:
 def test_jitp_device_waits_out_the_first_closed_connection_and_commits(emulator_with: Any, tmp_path: Path) -> None:
     emulator = emulator_with()
     ca = _customer_ca(tmp_path / "ca")
-    template = tmp_path / "jitp.json"
-    template.write_text(json.dumps(JITP_TEMPLATE))
-    _register_ca(emulator, ca[0], "--template", str(template))
+    _register_ca(emulator, ca[0], "--template", str(JITP_TEMPLATE_FILE))
     cert, key = _device_credentials(tmp_path, ca, "lamp-0001", serial_number="SN-1")
     config = _jit_config(emulator, tmp_path / "device", cert, key, ca[0])
 
@@ -240,3 +212,41 @@ def test_a_device_of_an_unregistered_ca_gives_up_after_jit_wait(emulator_with: A
 def _id_of(certificate: Path) -> str:
     der = x509.load_pem_x509_certificate(certificate.read_bytes()).public_bytes(serialization.Encoding.DER)
     return hashlib.sha256(der).hexdigest()
+
+
+def test_jitp_with_the_device_key_in_a_token(
+    emulator_with: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The factory makes the key in the token and has the token sign the CSR (`fleetprov factory`); the device
+    connects through the token, and the generation names the key instead of holding it."""
+    token = make_token(tmp_path / "hsm", monkeypatch, pin="pin-" + tmp_path.name[-12:])
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(token.pin + "\n")
+    pin_file.chmod(0o600)
+    uri = f"pkcs11:token={token.label};object=lamp-key;type=private"
+    options = ["--key", uri, "--pkcs11-library", str(token.library), "--pin-file", str(pin_file)]
+    emulator = emulator_with()
+    ca = _customer_ca(tmp_path / "ca")
+    _register_ca(emulator, ca[0], "--template", str(JITP_TEMPLATE_FILE))
+    for step in (["keygen", *options], ["csr", *options, "--out", str(tmp_path / "device.csr"),
+                                        "--cn", "lamp-0006", "--serial-number", "SN-6"]):  # fmt: skip
+        done = fleetprov("factory", *step)
+        assert done.returncode == 0, done.stderr
+    factory.sign(tmp_path / "device.csr", ca[0], ca[1], tmp_path / "device.crt", "30")
+    config = _jit_config(emulator, tmp_path / "device", tmp_path / "device.crt", tmp_path / "unused.key", ca[0])
+    settings = yaml.safe_load(config.read_text())
+    settings["jit"]["private_key"] = uri
+    settings["keys"] = {"pkcs11": {"library": str(token.library), "token_label": token.label,
+                                   "pin_file": str(pin_file)}}  # fmt: skip
+    config.write_text(yaml.safe_dump(settings))
+
+    done = fleetprov("--once", "--config", str(config))
+
+    assert done.returncode == 0, done.stderr
+    state = tmp_path / "device" / "state"
+    manifest = manifest_of(state)
+    assert manifest["thing_name"] == "lamp-0006" and manifest["key_reference"].startswith("pkcs11:")
+    assert "object=lamp-key" in manifest["key_reference"]
+    assert not (state / "current" / "private.key").exists()
+    assert _certificate(emulator, manifest["certificate_id"])["status"] == "ACTIVE"
+    assert token.pin not in done.stdout + done.stderr

@@ -18,9 +18,9 @@ FAST = {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 1}
 
 
 def _trusted_user_config(emulator: Emulator, directory: Path) -> Path:
-    config = device_config(emulator, directory)
+    config = device_config(emulator, directory, "--inbox", str(directory / "inbox"))
     settings = yaml.safe_load(config.read_text())
-    settings["claim"] = {"inbox": str(directory / "inbox")}
+    assert settings["claim"] == {"inbox": str(directory / "inbox")}
     settings["daemon"] = FAST
     config.write_text(yaml.safe_dump(settings))
     return config

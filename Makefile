@@ -27,7 +27,7 @@ test: deps
 	$(BIN)/ruff check fleetprov tests benchmarks scripts
 	$(BIN)/ruff format --check fleetprov tests benchmarks scripts
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15  # the slowest, to keep make test short
 
 # The Debian package, with dpkg-buildpackage, in build/deb (packaging/README.md); needs no venv.
 deb:

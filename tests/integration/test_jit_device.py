@@ -81,7 +81,9 @@ def _certificate(emulator: Emulator, certificate_id: str) -> dict[str, Any]:
     return entry
 
 
-def test_jitp_device_waits_out_the_first_closed_connection_and_commits(emulator_with: Any, tmp_path: Path) -> None:
+def test_jitp_device_waits_out_the_first_closed_connection_and_commits(
+    emulator_with: Any, start_agent: object, tmp_path: Path
+) -> None:
     emulator = emulator_with()
     ca = _customer_ca(tmp_path / "ca")
     _register_ca(emulator, ca[0], "--template", str(JITP_TEMPLATE_FILE))
@@ -106,6 +108,12 @@ def test_jitp_device_waits_out_the_first_closed_connection_and_commits(emulator_
     again = fleetprov("--once", "--config", str(config))  # an existing identity: verified, nothing new
     assert again.returncode == 0, again.stderr
     assert os.readlink(state / "current") == "generations/1"
+
+    agent = start_agent(config)  # type: ignore[operator]
+    agent.wait_for("READY=1")  # the daemon holds the JIT identity like any other
+    assert any("STATUS=connected as lamp-0001" in message for message in agent.messages), agent.messages
+    assert agent.stop() == 0, agent.log()
+    assert "Traceback" not in agent.log()
 
 
 def test_jitr_device_is_activated_by_the_cas_activation_command(

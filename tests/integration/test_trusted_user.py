@@ -5,6 +5,7 @@ removed, and the daemon waits for the next one. Real processes over mutual TLS."
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from tests.agentprocess import manifest_of
 from tests.support import Emulator, device_config, fleetprov
 
 FAST = {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 1}
+SHORT = 5  # seconds a "late" claim is valid: long enough to install it on a loaded machine, short to wait out
 
 
 def _trusted_user_config(emulator: Emulator, directory: Path) -> Path:
@@ -32,6 +34,12 @@ def _temporary_claim(emulator: Emulator, out: Path, validity: float = 300) -> di
         "--validity", str(validity),
     )  # fmt: skip
     return issued
+
+
+def _sleep_past(issued: dict[str, Any]) -> None:
+    """Until the claim has expired (its expiration has whole seconds: one more to be sure)."""
+    expiration = dt.datetime.fromisoformat(issued["expiration"].replace("Z", "+00:00"))
+    time.sleep(max(0.0, (expiration - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
 
 
 def _install(config: Path, claim: Path) -> None:
@@ -67,9 +75,9 @@ def test_an_expired_claim_is_reported_and_the_daemon_waits_for_the_next(
     emulator: Emulator, start_agent: object, tmp_path: Path
 ) -> None:
     config = _trusted_user_config(emulator, tmp_path / "device")
-    _temporary_claim(emulator, tmp_path / "late", validity=3)
+    late = _temporary_claim(emulator, tmp_path / "late", validity=SHORT)
     _install(config, tmp_path / "late")
-    time.sleep(4)  # the installer was too slow: the claim's five minutes (here three seconds) are over
+    _sleep_past(late)  # the installer was too slow: the claim's five minutes (here a few seconds) are over
 
     once = fleetprov("--once", "--config", str(config))
     assert once.returncode == 75, once.stderr
@@ -77,9 +85,9 @@ def test_an_expired_claim_is_reported_and_the_daemon_waits_for_the_next(
     assert not (tmp_path / "device" / "inbox" / "pending").exists()
     assert not (tmp_path / "device" / "state" / "current").exists()
 
-    _temporary_claim(emulator, tmp_path / "late-again", validity=3)
+    late_again = _temporary_claim(emulator, tmp_path / "late-again", validity=SHORT)
     _install(config, tmp_path / "late-again")
-    time.sleep(4)
+    _sleep_past(late_again)
     agent = start_agent(config)  # type: ignore[operator]
     agent.wait_for_log("expired")
     agent.wait_for(f"STATUS=waiting for a temporary claim in {tmp_path / 'device' / 'inbox'} (fleetprov claim install)")

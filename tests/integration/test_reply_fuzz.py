@@ -54,9 +54,9 @@ UNCHANGED = object()  # a field the override leaves as the service sent it
 
 # A clear failure: the last line of stderr, one line, printable, naming the step.
 ERROR_LINE = re.compile(r"fleetprov: (?P<step>[a-z][a-z-]*): (?P<message>.+)")
-# The `slow` run's budget per operation: bounded for CI (about a minute each); raise it for a longer local run,
+# The `slow` run's budget per operation: bounded for CI (under a minute each); raise it for a longer local run,
 # e.g. FLEETPROV_FUZZ_EXAMPLES=2000 make test.
-AT_LENGTH_EXAMPLES = int(os.environ.get("FLEETPROV_FUZZ_EXAMPLES", "120"))
+AT_LENGTH_EXAMPLES = int(os.environ.get("FLEETPROV_FUZZ_EXAMPLES", "80"))
 FUZZ_RETRY = {"initial_delay": 0.05, "max_delay": 0.1, "max_attempts": 2, "budget": 5}
 
 # --- somebody else's identity, and keys of the wrong kind ----------------------------------------

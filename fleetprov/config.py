@@ -30,7 +30,7 @@ from fleetprov.claim_inbox import CERTIFICATE_FILE as CLAIM_CERTIFICATE_FILE
 from fleetprov.claim_inbox import KEY_FILE as CLAIM_KEY_FILE
 from fleetprov.claim_inbox import PENDING as PENDING_CLAIM
 from fleetprov.errors import ConfigError
-from fleetprov.facts import FACT_NAMES
+from fleetprov.facts import CLAIM_CLIENT_ID_PREFIX, FACT_NAMES
 from fleetprov.keys.pkcs11_settings import Pkcs11Settings
 from fleetprov.keys.pkcs11_uri import URI_SCHEME, Pkcs11Uri, parse_pkcs11_uri
 from fleetprov.yamlread import YamlReader, load_yaml_mapping, parse_yaml
@@ -75,7 +75,7 @@ class ProxyConfig:
     host: str
     port: int
     username: Optional[str] = None
-    password: Optional[str] = None  # a secret: never logged, rendered as <redacted>
+    password: Optional[str] = field(default=None, repr=False)  # a secret: never logged, rendered as <redacted>
 
 
 @dataclass(frozen=True)
@@ -713,11 +713,31 @@ def _client_id(reader: YamlReader) -> Optional[str]:
     return client_id
 
 
+def _claim_client_id(section: YamlReader) -> Optional[str]:
+    """The shipped claim policies let a claim connect only with a client id of this prefix (fleetprov.facts)."""
+    client_id = _client_id(section)
+    if client_id is not None and not client_id.startswith(CLAIM_CLIENT_ID_PREFIX):
+        raise section.error(
+            "client_id",
+            f"{client_id!r} does not start with {CLAIM_CLIENT_ID_PREFIX!r}: the claim policy allows claim connections "
+            "only with client ids of that prefix, so that no claim holder can take a provisioned device's client id; "
+            "leave claim.client_id out (fleetprov derives one per device) or start it with the prefix",
+        )
+    return client_id
+
+
 def _device_client_id(section: Optional[YamlReader]) -> Optional[str]:
     if section is None:
         return None
     section.check_keys(_KEYS["device"])
-    return _client_id(section)
+    client_id = _client_id(section)
+    if client_id is not None and client_id.startswith(CLAIM_CLIENT_ID_PREFIX):
+        raise section.error(
+            "client_id",
+            f"{client_id!r} starts with {CLAIM_CLIENT_ID_PREFIX!r}, the prefix of claim connections, which every "
+            "claim holder may use: a device's own client id must not (leave it out: the thing name is used)",
+        )
+    return client_id
 
 
 def _log_level(top: YamlReader) -> str:
@@ -764,11 +784,11 @@ def _claim(section: YamlReader, base: Path) -> ClaimConfig:
             raise section.error(
                 "remove_after_success", "fleetprov removes claim key files only; a key in a token stays there"
             )
-        return ClaimConfig(certificate, None, _client_id(section), uri)
+        return ClaimConfig(certificate, None, _claim_client_id(section), uri)
     return ClaimConfig(
         certificate=certificate,
         private_key=_required_path(section, "private_key", base, "the claim certificate's private key (PEM)"),
-        client_id=_client_id(section),
+        client_id=_claim_client_id(section),
         remove_after_success=remove,
     )
 
@@ -786,7 +806,7 @@ def _trusted_user_claim(section: YamlReader, inbox: Path) -> ClaimConfig:
     return ClaimConfig(
         certificate=pending / CLAIM_CERTIFICATE_FILE,
         private_key=pending / CLAIM_KEY_FILE,
-        client_id=_client_id(section),
+        client_id=_claim_client_id(section),
         inbox=inbox,
     )
 

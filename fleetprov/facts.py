@@ -12,12 +12,12 @@ import json
 import logging
 import re
 import socket
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .children import child_environment, run_child, shown
 from .errors import EX_CONFIG, ConfigError, FleetprovError
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,15 @@ FACT_SOURCES = {
 }
 FACT_NAMES = tuple(FACT_SOURCES)
 
+# Every claim connection's MQTT client id starts with this, and the shipped claim policies allow iot:Connect on
+# client/fleetprov.claim-* only: the claim key is on every device, so a claim allowed any client id could take a
+# provisioned device's (its thing name) and make AWS drop that device. The "." is in no thing name (AWS IoT
+# allows [a-zA-Z0-9:_-]), so no permanent client id that is a thing name can match the claim's pattern.
+CLAIM_CLIENT_ID_PREFIX = "fleetprov.claim-"
+
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _NO_MAC = "00:00:00:00:00:00"
-_STDERR_TAIL = 300
 # How errors name what json.loads returned, in JSON's own words.
 _JSON_TYPE_NAMES = {
     list: "an array",
@@ -92,10 +97,10 @@ def read_facts(root: Path = Path("/")) -> DeviceFacts:
 def default_claim_client_id(facts: DeviceFacts) -> str:
     # AWS drops the older of two connections with the same client id, so a fleet-wide constant would make
     # devices provisioning at the same time knock each other off. machine-id is confidential (machine-id(5)),
-    # so only a hash of it leaves the device; the prefix keeps this hash unlinkable to other uses of the id.
+    # so only a hash of it leaves the device; the salt keeps this hash unlinkable to other uses of the id.
     for value in (facts.machine_id, facts.serial, facts.mac, facts.hostname):
         if value:
-            return "fleetprov-" + hashlib.sha256(f"fleetprov-claim:{value}".encode()).hexdigest()[:20]
+            return CLAIM_CLIENT_ID_PREFIX + hashlib.sha256(f"fleetprov-claim:{value}".encode()).hexdigest()[:20]
     raise FactUnavailable(
         "no device fact to derive the claim client id from (machine_id, serial, mac and hostname are all "
         "unavailable); set the claim client id in the configuration",
@@ -128,26 +133,28 @@ def template_parameters(
         except FactUnavailable as exc:
             raise FactUnavailable(f"template parameter {parameter!r}: {exc.message}", step=STEP) from None
     if command:
-        parameters.update(_run_parameter_command(command, command_timeout))
+        parameters.update(_run_parameter_command(command, command_timeout, environ))
     # Names only: values may be secrets (serials, tokens) and logs leave the device.
     log.info("template parameters: %s", ", ".join(sorted(parameters)) or "(none)")
     return parameters
 
 
-def _run_parameter_command(command: Sequence[str], timeout: float) -> dict[str, str]:
+def _run_parameter_command(command: Sequence[str], timeout: float, environ: Mapping[str, str]) -> dict[str, str]:
+    """The command's JSON object; it runs with the allow-listed environment of fleetprov/children.py only (not
+    the PIN's variable, not $CREDENTIALS_DIRECTORY, not fleetprov's own settings), in a process group of its
+    own that is killed when it exits or at ``timeout``."""
     what = f"parameter command {command[0]!r}"
     try:
-        result = subprocess.run(
-            list(command), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise ParameterCommandError(f"{what} did not finish within {timeout:g} s", step=STEP) from None
+        result = run_child(command, child_environment(environ), timeout)
     except OSError as exc:
         raise ParameterCommandError(f"{what} cannot be started: {exc.strerror or exc}", step=STEP) from None
-    if result.returncode != 0:
-        stderr = result.stderr.decode(errors="replace").strip()[-_STDERR_TAIL:]
+    if result.timed_out:
+        raise ParameterCommandError(f"{what} did not finish within {timeout:g} s", step=STEP)
+    if result.status != 0:
+        # Escaped and shortened: the message is logged and kept in last-run.json.
+        stderr = shown(result.stderr)
         raise ParameterCommandError(
-            f"{what} exited with status {result.returncode}" + (f": {stderr}" if stderr else ""), step=STEP
+            f"{what} exited with status {result.status}" + (f": {stderr}" if stderr else ""), step=STEP
         )
     # The output is never quoted in errors: it may hold secrets.
     try:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import cbor2
 from awscrt import mqtt, mqtt_request_response
+from awscrt.exceptions import AwsCrtError
 from awsiot import V2ServiceException, iotidentity, mqtt_connection_builder
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from fleetprov.emulator.launch import RunningEmulator, launch
 from fleetprov.errors import EmulatorError
+from fleetprov.facts import CLAIM_CLIENT_ID_PREFIX
 
 ENDPOINT_WAIT_SECONDS = 60
 CONNECT_TIMEOUT = 30
@@ -105,8 +107,32 @@ def connect(
     return connection
 
 
+def assert_claim_cannot_take_client_id(emulator: Emulator, device_cert: Path, device_key: Path, thing: str) -> None:
+    """A provisioned device is connected as its thing name; the fleet's claim (its key is on every device) connects
+    with the same client id. The shipped claim policies refuse that connection, so the broker keeps the device
+    (AWS drops the older of two connections with one client id)."""
+    lost = threading.Event()
+    device = connect(emulator, device_cert, device_key, thing, on_interrupted=lambda *_, **__: lost.set())
+    try:
+        try:
+            intruder = connect(emulator, emulator.claim_cert, emulator.claim_key, thing)
+        except AwsCrtError:
+            pass  # refused: what the policy must do
+        else:
+            intruder.disconnect().result(10)
+            raise AssertionError(f"the claim certificate connected as {thing!r}, a provisioned device's client id")
+        assert f"refusing connection {thing!r}: certificate {emulator.claim_certificate_id[:12]}" in emulator.log()
+        # Still connected: a QoS 1 publish on the device's own topic gets its PUBACK.
+        published, _ = device.publish(f"devices/{thing}/telemetry", b"{}", mqtt.QoS.AT_LEAST_ONCE)
+        published.result(CONNECT_TIMEOUT)
+        assert not lost.is_set(), "the device lost its connection to the claim's attempt"
+    finally:
+        device.disconnect().result(10)
+
+
 def connect_claim(emulator: Emulator, client_id: str) -> mqtt.Connection:
-    return connect(emulator, emulator.claim_cert, emulator.claim_key, client_id)
+    """A claim connection as fleetprov makes one: its client id has the claim prefix the claim policy allows."""
+    return connect(emulator, emulator.claim_cert, emulator.claim_key, CLAIM_CLIENT_ID_PREFIX + client_id)
 
 
 def identity_v2(connection: mqtt.Connection, timeout: int = 20) -> iotidentity.IotIdentityClientV2:
@@ -256,7 +282,7 @@ class RawClient:
 
 
 def raw_claim(emulator: Emulator, client_id: str) -> RawClient:
-    return RawClient(emulator, emulator.claim_cert, emulator.claim_key, client_id)
+    return RawClient(emulator, emulator.claim_cert, emulator.claim_key, CLAIM_CLIENT_ID_PREFIX + client_id)
 
 
 def fleetprov(

@@ -43,6 +43,9 @@ _UNSUPPORTED_KEYS = ("Condition", "NotAction", "NotResource", "Principal", "NotP
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
 # AWS CreateProvisioningTemplate: templateName matches ^[0-9A-Za-z_-]+$, 1-36 characters.
 _TEMPLATE_NAME = re.compile(r"[0-9A-Za-z_-]{1,36}")
+# The client ids a claim may connect with: those of fleetprov's claim connections (fleetprov.facts), never a
+# thing name ("." is not in [a-zA-Z0-9:_-]), so a claim holder cannot make the broker drop a provisioned device.
+CLAIM_CLIENT_IDS = "fleetprov.claim-*"
 
 
 class PolicyError(EmulatorError):
@@ -148,10 +151,10 @@ def is_allowed(policies: Sequence[Policy], request: Request, context: PolicyCont
 def claim_policy_document(templates: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The fleet-provisioning claim-certificate policy of the AWS documentation.
 
-    It lets a claim certificate connect and use only the CreateKeysAndCertificate,
-    CreateCertificateFromCsr and RegisterThing topics, for the given templates or,
-    when ``templates`` is None, for every template.  Region and account are ``*``
-    so the document works in any PolicyContext.
+    It lets a claim certificate connect with a claim client id (CLAIM_CLIENT_IDS) and
+    use only the CreateKeysAndCertificate, CreateCertificateFromCsr and RegisterThing
+    topics, for the given templates or, when ``templates`` is None, for every
+    template.  Region and account are ``*`` so the document works in any PolicyContext.
     """
     if isinstance(templates, str):
         # A bare string is a Sequence[str] too; iterating it would allow one-letter templates.
@@ -172,7 +175,7 @@ def claim_policy_document(templates: Optional[Sequence[str]] = None) -> dict[str
     return {
         "Version": POLICY_VERSION,
         "Statement": [
-            {"Effect": "Allow", "Action": ["iot:Connect"], "Resource": "*"},
+            {"Effect": "Allow", "Action": ["iot:Connect"], "Resource": f"arn:aws:iot:*:*:client/{CLAIM_CLIENT_IDS}"},
             {
                 "Effect": "Allow",
                 "Action": ["iot:Publish", "iot:Receive"],

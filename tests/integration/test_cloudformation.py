@@ -19,8 +19,17 @@ from cryptography.hazmat.primitives import serialization
 
 from fleetprov.emulator.launch import launch
 from fleetprov.emulator.registry import Registry
+from fleetprov.facts import CLAIM_CLIENT_ID_PREFIX
 from tests.agentprocess import first_rotation
-from tests.support import Emulator, RawClient, device_config, fleetprov, make_csr, start_emulator
+from tests.support import (
+    Emulator,
+    RawClient,
+    assert_claim_cannot_take_client_id,
+    device_config,
+    fleetprov,
+    make_csr,
+    start_emulator,
+)
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "aws" / "fleetprov-cloud.yaml"
 REGION, ACCOUNT = "us-east-1", "123456789012"
@@ -138,8 +147,18 @@ def test_the_claim_is_the_factorys_with_the_files_policy(stack_emulator: Emulato
     ]
 
 
+def test_the_files_claim_policy_keeps_a_device_connected(stack_emulator: Emulator, tmp_path: Path) -> None:
+    result = _provision(stack_emulator, tmp_path, "fp-takeover")
+    assert result.returncode == 0, result.stderr
+    current = tmp_path / "state" / "current"
+    thing = "fleetprov-fp-takeover"
+    assert_claim_cannot_take_client_id(stack_emulator, current / "certificate.pem", current / "private.key", thing)
+
+
 def test_a_publish_outside_the_files_claim_policy_closes_the_connection(stack_emulator: Emulator) -> None:
-    client = RawClient(stack_emulator, stack_emulator.claim_cert, stack_emulator.claim_key, "claim-outside-policy")
+    client = RawClient(
+        stack_emulator, stack_emulator.claim_cert, stack_emulator.claim_key, CLAIM_CLIENT_ID_PREFIX + "outside-policy"
+    )
     try:
         csr_request = json.dumps({"certificateSigningRequest": make_csr()[0]}).encode()
         topic, _ = client.request("$aws/certificates/create-from-csr/json", csr_request)

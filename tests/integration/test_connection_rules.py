@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.support import (
     Emulator,
+    assert_claim_cannot_take_client_id,
     connect,
     key_pem,
     make_csr,
@@ -154,6 +155,12 @@ def test_unregistered_certificate_is_refused(emulator: Emulator, tmp_path: Path)
     )
     with pytest.raises(Exception, match=REFUSED):
         connect(emulator, cert, key_path, "intruder")
+
+
+def test_the_claim_cannot_take_a_devices_client_id(emulator: Emulator, tmp_path: Path) -> None:
+    reply, pem, key, _ = provision_csr(emulator, "takeover", {"SerialNumber": "takeover-1"})
+    cert, key_path = write_identity(tmp_path, pem, key_pem(key))
+    assert_claim_cannot_take_client_id(emulator, cert, key_path, reply.thing_name)
 
 
 def test_same_client_id_closes_the_older_connection(emulator: Emulator) -> None:

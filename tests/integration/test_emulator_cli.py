@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetprov.facts import CLAIM_CLIENT_ID_PREFIX
 from tests.support import Emulator, RawClient, fleetprov, make_csr, provision_csr, start_emulator
 
 
@@ -35,7 +36,7 @@ def test_another_claim_certificate(emulator: Emulator, tmp_path: Path) -> None:
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     [record] = [c for c in emulator.admin("certificates") if c["certificateId"] == created["certificateId"]]
     assert (record["kind"], record["status"], record["policies"]) == ("claim", "ACTIVE", ["fleetprov-claim-policy"])
-    client = RawClient(emulator, cert, key, "second-claim")
+    client = RawClient(emulator, cert, key, CLAIM_CLIENT_ID_PREFIX + "second-claim")
     try:
         request = json.dumps({"certificateSigningRequest": make_csr()[0]}).encode()
         topic, _ = client.request("$aws/certificates/create-from-csr/json", request)

@@ -280,7 +280,7 @@ def test_throttled_devices_all_provision(emulator_with: Any, tmp_path: Path) -> 
             retry={"initial_delay": 0.5, "max_delay": 4, "budget": 120, "max_attempts": 100},
         )
         # Devices on one machine share their facts: give each its own claim client id, as real devices have.
-        _edit(config, lambda s, i=index: s["claim"].update(client_id=f"herd-claim-{i}"))
+        _edit(config, lambda s, i=index: s["claim"].update(client_id=f"fleetprov.claim-herd-{i}"))
         configs.append(config)
     started = time.monotonic()
     processes = [
@@ -308,7 +308,7 @@ def test_throttled_devices_all_provision(emulator_with: Any, tmp_path: Path) -> 
     # client id): one claim connection per device, however often it was throttled.
     log = emulator.log()
     for index in range(HERD):
-        assert log.count(f"client 'herd-claim-{index}' connected: claim") == 1, index
+        assert log.count(f"client 'fleetprov.claim-herd-{index}' connected: claim") == 1, index
 
 
 # -- the ownership token expiring during an outage ------------------------------------------------------

@@ -290,7 +290,7 @@ def claim_in_token(emulator: Emulator, token: SoftToken, tmp_path: Path) -> Iter
         check=True, capture_output=True,
     )  # fmt: skip
     claim_uri = "pkcs11:token=fleetprov;object=claim-key;type=private"
-    _edit(config, lambda s: s["claim"].update(private_key=claim_uri, client_id="hsm-claim-client"))
+    _edit(config, lambda s: s["claim"].update(private_key=claim_uri, client_id="fleetprov.claim-hsm"))
     yield config
 
 
@@ -300,7 +300,7 @@ def test_claim_key_in_the_token(emulator: Emulator, token: SoftToken, claim_in_t
     with open_token(token.settings(), token.pin) as session:
         labels = sorted(k[Attribute.LABEL] for k in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
     assert labels == ["claim-key", KEY_LABEL]
-    assert "client 'hsm-claim-client' connected: claim certificate" in emulator.log(), emulator.log()[-3000:]
+    assert "client 'fleetprov.claim-hsm' connected: claim certificate" in emulator.log(), emulator.log()[-3000:]
 
 
 def test_wrong_pin_when_already_provisioned(emulator: Emulator, token: SoftToken, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 
 from fleetprov.emulator.settings import DEFAULT_TEMPLATE_PATH
+from fleetprov.facts import CLAIM_CLIENT_ID_PREFIX
 from tests.support import Emulator, RawClient, fleetprov, make_csr, start_emulator
 
 CSR_TOPIC = "$aws/certificates/create-from-csr/json"
@@ -82,7 +83,7 @@ def test_a_temporary_claim_provisions_through_its_template_only(two_templates: E
     assert record["kind"] == "claim" and record["status"] == "ACTIVE"
     assert record["policies"] == [f"fleetprov-temporary-claim-{claim['certificateId'][:16]}"]
 
-    client = RawClient(two_templates, cert_path, key_path, "temporary-claim-device")
+    client = RawClient(two_templates, cert_path, key_path, CLAIM_CLIENT_ID_PREFIX + "temporary-device")
     try:
         topic, created = client.request(CSR_TOPIC, json.dumps({"certificateSigningRequest": make_csr()[0]}).encode())
         assert topic.endswith("/accepted")
@@ -106,20 +107,24 @@ def test_an_expired_temporary_claim_cannot_connect(two_templates: Emulator, tmp_
     expiration = dt.datetime.strptime(short["expiration"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
     assert expiration - dt.datetime.now(dt.timezone.utc) <= dt.timedelta(seconds=2)
     # The control: the same connection with a claim that is still valid gets its CONNACK.
-    reply = mqtt_connect(two_templates, Path(valid["certificatePath"]), Path(valid["keyPath"]), "valid-claim")
+    reply = mqtt_connect(
+        two_templates, Path(valid["certificatePath"]), Path(valid["keyPath"]), CLAIM_CLIENT_ID_PREFIX + "valid"
+    )
     assert reply == CONNACK_ACCEPTED
 
     while dt.datetime.now(dt.timezone.utc) <= expiration + dt.timedelta(seconds=1):
         time.sleep(0.2)
     try:
-        reply = mqtt_connect(two_templates, Path(short["certificatePath"]), Path(short["keyPath"]), "expired-claim")
+        reply = mqtt_connect(
+            two_templates, Path(short["certificatePath"]), Path(short["keyPath"]), CLAIM_CLIENT_ID_PREFIX + "expired"
+        )
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
         pass  # asyncio closes a failed TLS handshake without sending the alert: mostly a bare EOF
     else:
         assert reply == b"", f"an expired temporary claim connected: {reply!r}"
     # Turned away before MQTT: the broker never saw the client, not even to refuse it (it logs the valid one).
-    assert "client 'valid-claim' connected" in two_templates.log()
-    assert "expired-claim" not in two_templates.log()
+    assert f"client '{CLAIM_CLIENT_ID_PREFIX}valid' connected" in two_templates.log()
+    assert f"{CLAIM_CLIENT_ID_PREFIX}expired" not in two_templates.log()
     # Still registered ACTIVE: it is the handshake, not the registry, that turns it away.
     listed = {cert["certificateId"]: cert["status"] for cert in two_templates.admin("certificates")}
     assert listed[short["certificateId"]] == "ACTIVE"

@@ -32,6 +32,7 @@ from fleetprov.config import (
     render_config,
 )
 from fleetprov.errors import ConfigError
+from fleetprov.facts import CLAIM_CLIENT_ID_PREFIX
 from fleetprov.keys.pkcs11_settings import Pkcs11Settings
 from fleetprov.keys.pkcs11_uri import Pkcs11Uri
 
@@ -52,7 +53,7 @@ proxy:
 claim:
   certificate: /etc/fleetprov/claim.pem.crt
   private_key: claim/claim.key
-  client_id: claim-0001
+  client_id: fleetprov.claim-0001
 provisioning:
   template: My_Template-2
   method: create-keys
@@ -104,7 +105,7 @@ def test_full_file(tmp_path: Path) -> None:
         claim=ClaimConfig(
             certificate=Path("/etc/fleetprov/claim.pem.crt"),
             private_key=tmp_path / "claim" / "claim.key",
-            client_id="claim-0001",
+            client_id="fleetprov.claim-0001",
         ),
         provisioning=ProvisioningConfig(
             template="My_Template-2",
@@ -279,6 +280,10 @@ BAD_VALUES = [
     ("claim: {certificate: /c, private_key: /k, extra: 1}\n", r"claim\.extra: unknown key"),
     ("claim: {certificate: /c, private_key: /k, client_id: ''}\n", r"claim\.client_id: must not be empty$"),
     (f"claim: {{certificate: /c, private_key: /k, client_id: {'x' * 129}}}\n", r"claim\.client_id: longer than"),
+    ("claim: {certificate: /c, private_key: /k, client_id: gw-7}\n",
+     r"claim\.client_id: 'gw-7' does not start with 'fleetprov\.claim-': the claim policy allows claim connections "
+     r"only with client ids of that prefix"),
+    ("claim: {inbox: /in, client_id: claim-0001}\n", r"claim\.client_id: 'claim-0001' does not start with"),
     ("claim: [/c, /k]\n", r"claim: expected a mapping, got list$"),
     ("claim: {certificate: 5, private_key: /k}\n", r"claim\.certificate: expected a string, got int$"),
     ("provisioning: {template: 'my template'}\n", r"provisioning\.template: 'my template' is not a template name"),
@@ -308,6 +313,8 @@ BAD_VALUES = [
     ("provisioning: {template: T, parameters: {command_timeout: -1}}\n",
      r"provisioning\.parameters\.command_timeout: must be a positive number of seconds$"),
     ("device: {client_id: ''}\n", r"device\.client_id: must not be empty$"),
+    ("device: {client_id: fleetprov.claim-gw-7}\n",
+     r"device\.client_id: 'fleetprov\.claim-gw-7' starts with 'fleetprov\.claim-', the prefix of claim connections"),
     ("device: {thing_name: x}\n", r"device\.thing_name: unknown key \(known: client_id\)$"),
     ("device: gateway\n", r"device: expected a mapping, got str$"),
     ("state_dir: 7\n", r"state_dir: expected a string, got int$"),
@@ -446,9 +453,9 @@ def test_env_nested_keys_create_sections_and_keep_parameter_case(tmp_path: Path)
 
 def test_env_merges_into_a_file_section(tmp_path: Path) -> None:
     path = minimal(tmp_path, "proxy: {host: p, port: 1, username: u}\n")
-    config = load(path, {"FLEETPROV_PROXY__PASSWORD": SECRET, "FLEETPROV_CLAIM__CLIENT_ID": "c-1"})
+    config = load(path, {"FLEETPROV_PROXY__PASSWORD": SECRET, "FLEETPROV_CLAIM__CLIENT_ID": "fleetprov.claim-c-1"})
     assert config.proxy == ProxyConfig("p", 1, "u", SECRET)
-    assert config.claim == ClaimConfig(Path("/claim.crt"), Path("/claim.key"), "c-1")
+    assert config.claim == ClaimConfig(Path("/claim.crt"), Path("/claim.key"), "fleetprov.claim-c-1")
 
 
 @pytest.mark.parametrize("value", ["null", "~", ""])
@@ -736,12 +743,18 @@ nonempty = st.text(min_size=1, max_size=12).filter(lambda s: "\0" not in s)
 paths = st.lists(st.text(string.ascii_letters + "-. ", min_size=1, max_size=6), min_size=1, max_size=3).map(
     lambda parts: Path("/", *parts)
 )
+
+
+def claim_id(suffix: str) -> str:
+    return CLAIM_CLIENT_ID_PREFIX + suffix
+
+
 valid_configs = st.builds(
     Config,
     source=st.none(),
     endpoint=st.sampled_from(["localhost", "127.0.0.1", "abc-ats.iot.eu-west-1.amazonaws.com"]),
     root_ca=paths,
-    claim=st.builds(ClaimConfig, paths, paths, st.none() | st.text("abc-_0", min_size=1, max_size=20)),
+    claim=st.builds(ClaimConfig, paths, paths, st.none() | st.text("abc-_0", min_size=1, max_size=20).map(claim_id)),
     provisioning=st.builds(
         ProvisioningConfig,
         template=st.from_regex(r"[0-9A-Za-z_-]{1,36}", fullmatch=True),

@@ -147,7 +147,7 @@ def test_real_facts_of_this_machine() -> None:
     assert real.hostname != ""
     assert real.hostname == real.hostname.strip()
     assert real.get("hostname") == real.hostname
-    assert default_claim_client_id(real).startswith("fleetprov-")
+    assert default_claim_client_id(real).startswith("fleetprov.claim-")
 
 
 # --- DeviceFacts.get ---------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_get_unknown_fact_is_a_config_error() -> None:
 
 
 def expected_id(value: str) -> str:
-    return "fleetprov-" + hashlib.sha256(f"fleetprov-claim:{value}".encode()).hexdigest()[:20]
+    return "fleetprov.claim-" + hashlib.sha256(f"fleetprov-claim:{value}".encode()).hexdigest()[:20]
 
 
 def test_claim_client_id_is_stable_and_hides_machine_id() -> None:
@@ -189,7 +189,7 @@ def test_claim_client_id_is_stable_and_hides_machine_id() -> None:
     assert client_id == default_claim_client_id(facts(machine_id=MACHINE_ID, hostname="renamed"))
     assert MACHINE_ID not in client_id
     assert MACHINE_ID[:20] not in client_id
-    assert len(client_id) == 30 < 64
+    assert len(client_id) == 36 < 64
 
 
 def test_claim_client_id_differs_between_devices() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Optional
 
 import pytest
@@ -216,7 +217,7 @@ def test_special_character_variables_are_literal() -> None:
 
 # --- claim policy ----------------------------------------------------------------
 
-CLAIM_CTX = PolicyContext(region="eu-west-1", account="111122223333", client_id="claim-42")
+CLAIM_CTX = PolicyContext(region="eu-west-1", account="111122223333", client_id="fleetprov.claim-42")
 
 
 def provisioning_topics(template: str) -> list[str]:
@@ -243,7 +244,7 @@ def claim(templates: Optional[list[str]] = None) -> list[Policy]:
 @pytest.mark.parametrize("templates", [None, ["FactoryTemplate"]])
 def test_claim_policy_allows_the_fleet_provisioning_topics(templates: Optional[list[str]]) -> None:
     policies = claim(templates)
-    assert check(policies, "iot:Connect", "claim-42", CLAIM_CTX)
+    assert check(policies, "iot:Connect", "fleetprov.claim-42", CLAIM_CTX)
     for topic in provisioning_topics("FactoryTemplate"):
         assert check(policies, "iot:Publish", topic, CLAIM_CTX), topic
     for topic in reply_topics("FactoryTemplate"):
@@ -266,6 +267,13 @@ def test_claim_policy_allows_the_fleet_provisioning_topics(templates: Optional[l
 @pytest.mark.parametrize("action", ["iot:Publish", "iot:Subscribe", "iot:Receive"])
 def test_claim_policy_denies_other_topics(topic: str, action: str) -> None:
     assert not check(claim(), action, topic, CLAIM_CTX)
+
+
+@pytest.mark.parametrize("client_id", ["claim-42", "fleetprov-0001", "thing:gw_7", "fleetprov.claim", "*"])
+def test_claim_policy_denies_client_ids_without_the_claim_prefix(client_id: str) -> None:
+    """The claim is on every device: with any client id it could take a device's (its thing name) and make the
+    broker drop that device."""
+    assert not check(claim(), "iot:Connect", client_id, replace(CLAIM_CTX, client_id=client_id))
 
 
 def test_claim_policy_restricted_to_named_templates() -> None:
@@ -291,6 +299,7 @@ def test_claim_policy_matches_the_aws_document_shape() -> None:
         ["iot:Publish", "iot:Receive"],
         ["iot:Subscribe"],
     ]
+    assert document["Statement"][0]["Resource"] == "arn:aws:iot:*:*:client/fleetprov.claim-*"
     assert document["Statement"][2]["Resource"] == [
         "arn:aws:iot:*:*:topicfilter/$aws/certificates/create/*",
         "arn:aws:iot:*:*:topicfilter/$aws/certificates/create-from-csr/*",

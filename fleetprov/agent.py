@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from fleetprov.atomicio import write_atomic
+from fleetprov.atomicio import fsync_dir, write_atomic
 from fleetprov.claim import Provisioned, device_client_id, provision, step, verify
 from fleetprov.claim_inbox import discard_claim, pending_claim
 from fleetprov.clock import wait_for_plausible_clock
@@ -185,6 +185,7 @@ def _remove_claim_key(config: Config) -> None:
     key = config.claim.private_key
     try:
         key.unlink(missing_ok=True)
+        fsync_dir(key.parent)  # gone for good: a power cut must not bring the key back
     except OSError as exc:
         log.error("claim.remove_after_success: cannot remove the claim key %s: %s", key, exc.strerror)
         return

@@ -1,19 +1,21 @@
 """The claim inbox: where a trusted user's installer leaves a temporary claim (fleet provisioning by trusted
 user, AWS CreateProvisioningClaim) for fleetprov to provision with. One claim at most is pending.
 
-    <inbox>/                     0700, the daemon user's (``claim.inbox``)
+    <inbox>/                     0700, the daemon user's (``claim.inbox``); never a symlink
       pending -> .claim-<random> the one pending claim: a symlink, switched atomically
       .claim-<random>/           0700, complete before ``pending`` points at it, never changed afterwards
         certificate.pem          0644
-        private.key              0600 from its first byte (O_CREAT|O_EXCL), fsync'd
-      .incoming-<random>/        being built; a crash leaves it behind, the next install or discard removes it
+        private.key              0600 from its first byte (O_CREAT|O_EXCL)
+      .incoming-<random>/        being built, the installer's own (0700) until complete; a crash leaves it
+                                 behind, the next install (or discard, if it may) removes it
 
 Why a symlink: a directory cannot be renamed over a non-empty one (os.replace fails with ENOTEMPTY), so
 replacing a pending claim by renaming directories would leave an instant with no claim, or with two. A fresh
-symlink renamed over ``pending`` (atomicio.replace_symlink, like the store's ``current``) switches from the old
-complete claim to the new complete one in one step. Whatever moment a crash hits, ``pending`` is absent, the
-old claim or the new one; directories it does not point at are leftovers that the next install or discard
-removes.
+symlink renamed over ``pending`` (like the store's ``current``) switches from the old complete claim to the
+new complete one in one step. Whatever moment a crash or a power cut hits, ``pending`` is absent, the old
+claim or the new one; directories it does not point at are leftovers that the next install or discard removes.
+Durability, in order: each file's contents and mode fsync'd, then the ``.incoming`` directory, before it is
+renamed to ``.claim``; the inbox fsync'd after that rename, after the switch of ``pending`` and after removals.
 
 Use a claim through PendingClaim's paths (inside its ``.claim-<random>`` directory), not through ``pending/``:
 an install between reading the certificate and the key would otherwise pair one claim's certificate with the
@@ -22,21 +24,31 @@ unaffected (the TLS library read them when it connected).
 
 Installing, discarding and reading hold a flock on the inbox directory itself (no lock file that root would
 own and the daemon could not open), so an install cannot switch ``pending`` between a discard's check and its
-removal. Run as root with an inbox that belongs to another user (the daemon's), everything installed is
-chowned to that user. Key material is never logged, printed or put into an error message.
+removal. Key material is never logged, printed or put into an error message.
+
+Root installing into another user's inbox (as `fleetprov claim install` runs): that user can change the inbox
+while root writes in it, so root never acts on a name there that could have been swapped for a symlink or a
+hard link (to /etc/shadow) since it was made. Everything is done on descriptors (fleetprov.dirfd): the inbox
+is opened with O_NOFOLLOW below a parent reached without following a symlink another user could have placed
+(a symlink in place of the inbox is refused); entries are made new (mkdir, O_CREAT|O_EXCL|O_NOFOLLOW), given
+their mode and owner with fchmod and fchown, renamed, linked and removed relative to the inbox's descriptor.
+Root keeps the ``.incoming`` directory to itself until the claim in it is complete, then gives it and
+everything in it to the owner of the inbox. This, not dropping to the inbox owner's uid, because it needs no
+second process to report errors from and keeps a new inbox's creation inside the same rules; the walk that
+refuses another user's symlinks also keeps root from being sent to write in a directory of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,7 +60,17 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from fleetprov.atomicio import fsync_dir, fsync_file, replace_symlink, storage_errors, write_new
+from fleetprov.atomicio import storage_errors
+from fleetprov.dirfd import (
+    DIRECTORY_FLAGS,
+    Owner,
+    create_file,
+    foreign_owner,
+    make_directory,
+    open_directory,
+    remove_entry,
+    settle,
+)
 from fleetprov.errors import EX_DATAERR, FleetprovError, StorageError
 from fleetprov.store import iso_utc
 
@@ -115,30 +137,16 @@ def install_claim(inbox: Path, certificate: Path, key: Path, *, now: dt.datetime
             "this device's clock right?)",
             step=STEP,
         )
-    owner = _ensure_inbox(inbox)
-    with _locked(inbox, fcntl.LOCK_EX):
+    with _owner_only_umask(), _locked(_inbox_made_if_missing(inbox), inbox, fcntl.LOCK_EX) as inbox_fd:
         name = CLAIM_PREFIX + secrets.token_hex(8)
-        incoming = inbox / (INCOMING_PREFIX + secrets.token_hex(8))
+        files = ((CERTIFICATE_FILE, certificate_pem, 0o644), (KEY_FILE, key_pem, 0o600))
+        _build(inbox_fd, inbox, name, foreign_owner(inbox_fd), files)
         try:
-            with storage_errors("create", incoming):
-                incoming.mkdir(mode=0o700)
-                _settle(incoming, 0o700, owner)
-            _write(incoming / CERTIFICATE_FILE, certificate_pem, 0o644, owner)
-            _write(incoming / KEY_FILE, key_pem, 0o600, owner)
-            with storage_errors("publish", inbox / name):
-                fsync_dir(incoming)
-                incoming.rename(inbox / name)
-                fsync_dir(inbox)
+            _switch_pending(inbox_fd, inbox, name)
         except BaseException:
-            _remove_tree(incoming)
-            _remove_tree(inbox / name)
+            _remove_quietly(inbox_fd, name)
             raise
-        try:
-            replace_symlink(inbox / PENDING, name)
-        except BaseException:
-            _remove_tree(inbox / name)
-            raise
-        _remove_leftovers(inbox, keep=name)
+        _remove_leftovers(inbox_fd, keep=name)
     claim = PendingClaim(
         inbox / name / CERTIFICATE_FILE,
         inbox / name / KEY_FILE,
@@ -157,10 +165,11 @@ def pending_claim(inbox: Path, *, now: dt.datetime) -> Optional[PendingClaim]:
 
     An expired claim is removed, then ExpiredClaim is raised. CorruptClaim names an entry that cannot be used.
     """
-    if not inbox.is_dir():
+    inbox_fd = _existing_inbox(inbox)
+    if inbox_fd is None:
         return None
-    with _locked(inbox, fcntl.LOCK_SH):
-        claim = _read_pending(inbox)
+    with _locked(inbox_fd, inbox, fcntl.LOCK_SH):
+        claim = _read_pending(inbox_fd, inbox)
     if claim is None or claim.not_after > now:
         return claim
     discard_claim(inbox, claim)
@@ -174,19 +183,20 @@ def pending_claim(inbox: Path, *, now: dt.datetime) -> Optional[PendingClaim]:
 def discard_claim(inbox: Path, claim: PendingClaim) -> None:
     """Remove ``claim`` from ``inbox``: after it was used, refused or expired. A newer pending claim stays;
     leftovers of crashes and replaced claims go too, so no old claim key outlives its use."""
-    if not inbox.is_dir():
+    inbox_fd = _existing_inbox(inbox)
+    if inbox_fd is None:
         return
-    with _locked(inbox, fcntl.LOCK_EX):
+    with _locked(inbox_fd, inbox, fcntl.LOCK_EX):
         try:
-            target: Optional[str] = str((inbox / PENDING).readlink())
+            target: Optional[str] = os.readlink(PENDING, dir_fd=inbox_fd)
         except OSError:
             target = None
         if target == claim.entry.name:
             with storage_errors("remove", inbox / PENDING):
-                (inbox / PENDING).unlink()
-                fsync_dir(inbox)
+                os.unlink(PENDING, dir_fd=inbox_fd)
+                os.fsync(inbox_fd)
             target = None
-        _remove_leftovers(inbox, keep=target)
+        _remove_leftovers(inbox_fd, keep=target)
 
 
 # -- reading what an installer gives --------------------------------------------------------------------
@@ -201,18 +211,24 @@ def _read_input(path: Path, what: str) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ClaimFileError(f"the {what} {path} is not a regular file", step=STEP)
-        data = b""
-        while len(data) <= MAX_PEM_BYTES:
-            chunk = os.read(fd, MAX_PEM_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
+        data = _read_capped(fd)
     except OSError as exc:
         raise ClaimFileError(f"cannot read the {what} {path}: {exc.strerror or exc}", step=STEP) from None
     finally:
         os.close(fd)
     if len(data) > MAX_PEM_BYTES:
         raise ClaimFileError(f"the {what} {path} is larger than {MAX_PEM_BYTES} bytes: not a PEM {what}", step=STEP)
+    return data
+
+
+def _read_capped(fd: int) -> bytes:
+    """What ``fd`` holds, but no more than MAX_PEM_BYTES + 1 bytes (enough to tell a file that is too large)."""
+    data = b""
+    while len(data) <= MAX_PEM_BYTES:
+        chunk = os.read(fd, MAX_PEM_BYTES + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
     return data
 
 
@@ -275,10 +291,10 @@ def _spki(public_key: object) -> bytes:
 # -- the inbox on disk ----------------------------------------------------------------------------------
 
 
-def _read_pending(inbox: Path) -> Optional[PendingClaim]:
+def _read_pending(inbox_fd: int, inbox: Path) -> Optional[PendingClaim]:
     link = inbox / PENDING
     try:
-        target = str(link.readlink())
+        target = os.readlink(PENDING, dir_fd=inbox_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:  # EINVAL: something else than a symlink
@@ -289,14 +305,21 @@ def _read_pending(inbox: Path) -> Optional[PendingClaim]:
     certificate_path, key_path = entry / CERTIFICATE_FILE, entry / KEY_FILE
     unusable = f"the pending claim {entry} cannot be used"
     try:
-        certificate = x509.load_pem_x509_certificate(certificate_path.read_bytes())
-    except (OSError, ValueError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a PEM certificate"
-        raise CorruptClaim(f"{unusable}: {certificate_path}: {why}", step=STEP) from None
+        entry_fd = os.open(target, DIRECTORY_FLAGS, dir_fd=inbox_fd)
+    except OSError as exc:
+        raise CorruptClaim(f"{unusable}: {entry}: {exc.strerror or exc}", step=STEP) from None
     try:
-        key_is_file = stat.S_ISREG(key_path.lstat().st_mode)
-    except OSError:
-        key_is_file = False
+        try:
+            certificate = x509.load_pem_x509_certificate(_read_entry_file(entry_fd, CERTIFICATE_FILE))
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a PEM certificate"
+            raise CorruptClaim(f"{unusable}: {certificate_path}: {why}", step=STEP) from None
+        try:
+            key_is_file = stat.S_ISREG(os.stat(KEY_FILE, dir_fd=entry_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            key_is_file = False
+    finally:
+        os.close(entry_fd)
     if not key_is_file:
         raise CorruptClaim(f"{unusable}: {key_path} is not a file", step=STEP)
     return PendingClaim(
@@ -308,78 +331,136 @@ def _read_pending(inbox: Path) -> Optional[PendingClaim]:
     )
 
 
-def _ensure_inbox(inbox: Path) -> Optional[tuple[int, int]]:
-    """Create ``inbox`` (0700) if missing; the (uid, gid) to chown new files to, or None to leave them ours.
+def _read_entry_file(entry_fd: int, name: str) -> bytes:
+    """``name`` in the claim's directory, read never through a symlink and never waiting on a FIFO."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=entry_fd)
+    try:
+        return _read_capped(fd)
+    finally:
+        os.close(fd)
 
-    A new inbox belongs to the owner of its parent (the daemon's state directory) when root creates it."""
+
+def _inbox_made_if_missing(inbox: Path) -> int:
+    """A descriptor of ``inbox``, made if missing (0700, for the owner of its parent, as are missing parents).
+
+    A symlink in its place is refused, never followed: in the daemon's state directory the daemon's user could
+    have put it there, pointing anywhere."""
     with storage_errors("create", inbox):
-        if not inbox.is_dir():
-            for directory in reversed([inbox, *inbox.parents]):
-                if directory.is_dir():
-                    continue
-                with contextlib.suppress(FileExistsError):
-                    directory.mkdir(mode=0o700)
-                    _settle(directory, 0o700, _foreign_owner(directory.parent))
-                fsync_dir(directory.parent)
-        return _foreign_owner(inbox)
+        parent_fd = open_directory(inbox.parent, create=True)
+    try:
+        with storage_errors("lock", inbox):
+            try:
+                return os.open(inbox.name, DIRECTORY_FLAGS, dir_fd=parent_fd)
+            except FileNotFoundError:
+                pass
+            except NotADirectoryError:  # O_NOFOLLOW|O_DIRECTORY: a symlink or a file
+                if stat.S_ISLNK(os.stat(inbox.name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, "it is a symlink, not followed; the inbox must be a directory") from None
+                raise
+        with storage_errors("create", inbox):
+            return make_directory(parent_fd, inbox.name, 0o700, foreign_owner(parent_fd))
+    finally:
+        os.close(parent_fd)
 
 
-def _foreign_owner(directory: Path) -> Optional[tuple[int, int]]:
-    """(uid, gid) of ``directory`` when we are root and it belongs to another user, else None."""
-    if os.geteuid() != 0:
-        return None
-    info = directory.stat()
-    return (info.st_uid, info.st_gid) if info.st_uid != 0 else None
-
-
-def _settle(path: Path, mode: int, owner: Optional[tuple[int, int]]) -> None:
-    """Give ``path`` exactly ``mode`` whatever the umask, and ``owner``; fsync the change."""
-    path.chmod(mode)  # a file or directory just made, never a symlink
-    if owner is not None:
-        os.chown(path, *owner)
-    if path.is_dir():
-        fsync_dir(path)
-    else:
-        fsync_file(path)
-
-
-def _write(path: Path, data: bytes, mode: int, owner: Optional[tuple[int, int]]) -> None:
-    """A new file (O_CREAT|O_EXCL, ``mode`` from its first byte, fsync'd) with exactly ``mode`` and ``owner``."""
-    write_new(path, data, mode=mode)
-    with storage_errors("write", path):
-        _settle(path, mode, owner)
+def _existing_inbox(inbox: Path) -> Optional[int]:
+    """A descriptor of ``inbox``; None if there is no inbox directory there (nothing, a file or a symlink)."""
+    try:
+        with storage_errors("read", inbox):
+            parent_fd = open_directory(inbox.parent)
+            try:
+                return os.open(inbox.name, DIRECTORY_FLAGS, dir_fd=parent_fd)
+            finally:
+                os.close(parent_fd)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, (FileNotFoundError, NotADirectoryError)):
+            return None
+        raise
 
 
 @contextlib.contextmanager
-def _locked(inbox: Path, operation: int) -> Iterator[None]:
-    with storage_errors("lock", inbox):
-        fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _locked(inbox_fd: int, inbox: Path, operation: int) -> Iterator[int]:
+    """``inbox_fd`` flock'ed; closed (and so unlocked) afterwards."""
     try:
         with storage_errors("lock", inbox):
-            fcntl.flock(fd, operation)
+            fcntl.flock(inbox_fd, operation)
+        yield inbox_fd
+    finally:
+        os.close(inbox_fd)
+
+
+@contextlib.contextmanager
+def _owner_only_umask() -> Iterator[None]:
+    """New entries start owner-only (their final modes are set on their descriptors), so nothing is more open
+    than meant at any moment, and a non-root installer can open the directories it makes whatever its umask."""
+    previous = os.umask(0o077)
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        os.umask(previous)
 
 
-def _remove_leftovers(inbox: Path, keep: Optional[str]) -> None:
-    """Remove what crashes and replaced claims leave: every entry but ``keep``, and stray temporary symlinks."""
-    for path in inbox.iterdir():
-        name = path.name
-        if name.startswith((CLAIM_PREFIX, INCOMING_PREFIX)) and name != keep:
-            _remove_tree(path)
-        elif name.startswith(f"{PENDING}.tmp-") and path.is_symlink():
+def _build(inbox_fd: int, inbox: Path, name: str, owner: Owner, files: tuple[tuple[str, bytes, int], ...]) -> None:
+    """The complete claim (``files``: name, content, mode) as ``<inbox>/<name>``, durable, built as
+    ``.incoming-<random>``; nothing left of it on failure.
+
+    Root's own (0700) while being filled, so the inbox's owner cannot put anything in it or in place of its
+    files; given to ``owner`` (on descriptors) once complete, then renamed into place."""
+    incoming = INCOMING_PREFIX + secrets.token_hex(8)
+    try:
+        with storage_errors("create", inbox / incoming):
+            incoming_fd = make_directory(inbox_fd, incoming, 0o700, None)
+        try:
+            for file_name, data, mode in files:
+                with storage_errors("write", inbox / incoming / file_name):
+                    create_file(incoming_fd, file_name, data, mode, owner)
+            with storage_errors("publish", inbox / name):
+                settle(incoming_fd, 0o700, owner)
+                os.rename(incoming, name, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd)
+                os.fsync(inbox_fd)
+        finally:
+            os.close(incoming_fd)
+    except BaseException:
+        _remove_quietly(inbox_fd, incoming)
+        _remove_quietly(inbox_fd, name)
+        raise
+
+
+def _switch_pending(inbox_fd: int, inbox: Path, name: str) -> None:
+    """Point ``pending`` at ``name`` atomically: a fresh ``pending.tmp-<pid>`` symlink renamed over it, fsync'd."""
+    temporary = f"{PENDING}.tmp-{os.getpid()}"
+    with storage_errors("switch", inbox / PENDING):
+        try:
+            with contextlib.suppress(FileNotFoundError):  # left by a crashed process that had our pid
+                os.unlink(temporary, dir_fd=inbox_fd)
+            os.symlink(name, temporary, dir_fd=inbox_fd)
+            os.rename(temporary, PENDING, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd)
+            os.fsync(inbox_fd)
+        except OSError:
             with contextlib.suppress(OSError):
-                path.unlink()
+                os.unlink(temporary, dir_fd=inbox_fd)
+            raise
 
 
-def _remove_tree(path: Path) -> None:
-    """Best effort: a leftover that cannot be removed now is removed by the next install."""
-    if path.is_symlink():
-        with contextlib.suppress(OSError):
-            path.unlink()
-    elif path.exists():
-        shutil.rmtree(path, ignore_errors=True)
+def _remove_leftovers(inbox_fd: int, keep: Optional[str]) -> None:
+    """Remove what crashes and replaced claims leave: every entry but ``keep``, and stray temporary symlinks.
+
+    Best effort, like the removals themselves: the claim is installed or discarded already, and what is left
+    now goes with the next install or discard."""
+    with contextlib.suppress(OSError):
+        with os.scandir(inbox_fd) as entries:
+            names = [entry.name for entry in entries]
+        for name in names:
+            if name.startswith((CLAIM_PREFIX, INCOMING_PREFIX, f"{PENDING}.tmp-")) and name != keep:
+                _remove_quietly(inbox_fd, name)
+        os.fsync(inbox_fd)
+
+
+def _remove_quietly(inbox_fd: int, name: str) -> None:
+    """Best effort: a leftover that cannot be removed now (a root install's ``.incoming`` when the daemon
+    discards) is removed by the next install."""
+    with contextlib.suppress(OSError):
+        remove_entry(inbox_fd, name)
 
 
 def _certificate_id(der: bytes) -> str:

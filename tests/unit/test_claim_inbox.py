@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,11 +168,19 @@ def test_leftovers_of_a_crash_are_invisible_and_removed_by_the_next_install(tmp_
     orphan.mkdir(mode=0o700)
     (orphan / "certificate.pem").write_bytes(old.certificate.read_bytes())
     (inbox / "pending.tmp-4242").symlink_to(orphan.name)
+    # Symlinks named like entries, or in them: removed, never followed.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "certificate.pem").write_bytes(b"not the inbox's")
+    (inbox / ".claim-0123456789abcdef").symlink_to(elsewhere)
+    (half / "private.key").symlink_to(elsewhere / "certificate.pem")
+    (orphan / "private.key").symlink_to(elsewhere)
 
     assert pending_claim(inbox, now=NOW) == old  # the old complete claim, whatever else is there
 
     new = Claim(tmp_path / "new").install(inbox)
     assert sorted(p.name for p in inbox.iterdir()) == [new.entry.name, "pending"]
+    assert snapshot(elsewhere) == {str(elsewhere / "certificate.pem"): ("file", 0o644, b"not the inbox's")}
 
 
 def test_discard_removes_leftovers_too(tmp_path: Path, inbox: Path) -> None:
@@ -208,6 +218,61 @@ def test_root_creates_the_inbox_for_the_owner_of_the_state_directory(tmp_path: P
     installed = Claim(tmp_path / "app").install(inbox)
     for path in (inbox, installed.entry, installed.certificate, installed.private_key):
         assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65533), path
+
+
+def test_an_inbox_that_is_a_symlink_is_refused_not_followed(tmp_path: Path, inbox: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    inbox.parent.mkdir()
+    inbox.symlink_to(elsewhere)
+    with pytest.raises(StorageError) as raised:
+        Claim(tmp_path / "app").install(inbox)
+    assert (
+        str(raised.value) == f"store: cannot lock {inbox}: it is a symlink, not followed; the inbox must be a directory"
+    )
+    assert raised.value.exit_code == EX_CANTCREAT
+    assert list(elsewhere.iterdir()) == [] and mode(elsewhere) == 0o755
+    assert pending_claim(inbox, now=NOW) is None  # the daemon sees no claim there
+
+
+def test_symlinks_on_the_way_are_followed_only_where_no_other_user_can_write(tmp_path: Path) -> None:
+    """The inbox's path may go through a symlink of root's (or ours) in a directory nobody else can write;
+    one in a directory others can write is refused, whatever it points at."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    installed = Claim(tmp_path / "app").install(tmp_path / "link" / "state" / "inbox")
+    assert os.readlink(real / "state" / "inbox" / "pending") == installed.entry.name
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: anyone can put a symlink there
+    target = tmp_path / "target"
+    target.mkdir()
+    (shared / "state").symlink_to(target)
+    inbox = shared / "state" / "inbox"
+    expected = (
+        f"cannot create {inbox}: {shared / 'state'} is a symbolic link in a directory that another user can write "
+        f"(owner uid {os.geteuid()}, mode 1777): not followed"
+    )
+    with pytest.raises(StorageError, match=re.escape(expected)):
+        Claim(tmp_path / "app").install(inbox)
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user's directory needs root (CI runs as root)")
+def test_root_follows_no_symlink_the_service_user_placed(tmp_path: Path) -> None:
+    service_home = tmp_path / "service"
+    service_home.mkdir(mode=0o755)
+    os.chown(service_home, 65534, 65534)
+    root_only = tmp_path / "root-only"
+    root_only.mkdir(mode=0o700)
+    (service_home / "state").symlink_to(root_only)
+    inbox = service_home / "state" / "inbox"
+    refusal = f"{service_home / 'state'} is a symbolic link in a directory that another user can write (owner uid 65534"
+    with pytest.raises(StorageError, match=re.escape(refusal)):
+        Claim(tmp_path / "app").install(inbox)
+    assert list(root_only.iterdir()) == []
 
 
 def test_a_certificate_file_with_a_chain_and_text_around_it(tmp_path: Path, inbox: Path) -> None:
@@ -343,16 +408,18 @@ def test_messages_never_show_the_key(tmp_path: Path, inbox: Path) -> None:
 def test_a_failed_write_changes_nothing(tmp_path: Path, inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Claim(tmp_path / "earlier").install(inbox)
     before = snapshot(inbox)
-    real_write_new = claim_inbox.write_new
+    real_create_file = claim_inbox.create_file
 
-    def full_disk(path: Path, data: bytes, *, mode: int) -> None:
-        if path.name == "private.key":
-            real_write_new(path, data[:10], mode=mode)  # half written, then the disk is full
-            raise StorageError(f"cannot write {path}: No space left on device")
-        real_write_new(path, data, mode=mode)
+    def full_disk(directory_fd: int, name: str, data: bytes, mode: int, owner: Optional[tuple[int, int]]) -> None:
+        if name == "private.key":
+            real_create_file(directory_fd, name, data[:10], mode, owner)  # half written, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_create_file(directory_fd, name, data, mode, owner)
 
-    monkeypatch.setattr(claim_inbox, "write_new", full_disk)
-    with pytest.raises(StorageError, match="No space left on device"):
+    monkeypatch.setattr(claim_inbox, "create_file", full_disk)
+    with pytest.raises(
+        StorageError, match=r"cannot write .*/\.incoming-[0-9a-f]{16}/private.key: No space left on device"
+    ):
         Claim(tmp_path / "app").install(inbox)
     assert snapshot(inbox) == before
 
@@ -361,11 +428,15 @@ def test_a_failed_switch_changes_nothing(tmp_path: Path, inbox: Path, monkeypatc
     Claim(tmp_path / "earlier").install(inbox)
     before = snapshot(inbox)
 
-    def failing(link: Path, target: str) -> None:
-        raise StorageError(f"cannot switch {link}: Read-only file system")
+    real_rename = os.rename
 
-    monkeypatch.setattr(claim_inbox, "replace_symlink", failing)
-    with pytest.raises(StorageError, match="Read-only file system"):
+    def read_only(source: str, destination: str, **dir_fds: int) -> None:
+        if destination == "pending":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        real_rename(source, destination, **dir_fds)
+
+    monkeypatch.setattr(claim_inbox.os, "rename", read_only)
+    with pytest.raises(StorageError, match=f"cannot switch {inbox / 'pending'}: Read-only file system"):
         Claim(tmp_path / "app").install(inbox)
     assert snapshot(inbox) == before
 
@@ -428,6 +499,14 @@ def test_corrupt_entries_are_named(tmp_path: Path, inbox: Path) -> None:
     with pytest.raises(CorruptClaim, match=f"{installed.private_key} is not a file"):
         pending_claim(inbox, now=NOW)
 
+    good_copy = tmp_path / "copy.pem"
+    good_copy.write_bytes(installed.certificate.read_bytes())
+    installed.certificate.unlink()
+    installed.certificate.symlink_to(good_copy)  # the claim's files are the inbox's own, never followed elsewhere
+    with pytest.raises(CorruptClaim, match=f"{installed.certificate}: Too many levels of symbolic links"):
+        pending_claim(inbox, now=NOW)
+
+    installed.certificate.unlink()
     installed.certificate.write_bytes(b"not a certificate")
     with pytest.raises(CorruptClaim, match=f"{installed.certificate}: not a PEM certificate"):
         pending_claim(inbox, now=NOW)

@@ -20,6 +20,11 @@ by tests/unit/test_amqtt_guard.py, which fails if amqtt's version of the method 
   closes the connection, as AWS does.
 * ``_handle_message_delivery``: requests on ``$aws/...`` topics (which amqtt refuses) go to the
   provisioning service, and the reply is published to the requesting connection only.
+* AWS IoT Core's message broker limits (mqtt_limits.py): ``stream_connected`` reads each connection through a
+  CappedStreamReader, whose packets may not announce more than 128 KB and some (the fixed-header decoder is
+  patched for it: ``install_packet_size_cap``); ``_initialize_client_session`` closes a connection that sends no
+  CONNECT within 10 s, or an oversized one; ``_handle_subscription`` closes a connection whose SUBSCRIBE has more
+  than 8 topic filters or takes it over 50 subscriptions, as AWS does.
 """
 
 from __future__ import annotations
@@ -33,14 +38,23 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerConfig
+from amqtt.errors import NoDataError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from fleetprov.emulator.access import ConnectionRefused, Identity, identify
 from fleetprov.emulator.faults import Faults
 from fleetprov.emulator.jit import JitOutcome, JustInTime, run_activation
+from fleetprov.emulator.mqtt_limits import (
+    CONNECT_TIMEOUT_SECONDS,
+    CappedStreamReader,
+    PacketTooLarge,
+    install_packet_size_cap,
+    subscribe_problem,
+)
 from fleetprov.emulator.registry import Registry
 from fleetprov.emulator.service import Caller, ProvisioningService, Reply, parse_request_topic
 from fleetprov.errors import EmulatorError
@@ -108,6 +122,7 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
         account: str,
     ) -> None:
         super().__init__(config)
+        install_packet_size_cap()
         self.registry = registry
         self.service = service
         self.faults = faults
@@ -161,6 +176,30 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
             log.warning("cannot load the registered CA certificates: %s", exc)
 
     # -- connections ----------------------------------------------------------------------------
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        await self._client_connected(listener_name, CappedStreamReader(reader), StreamWriterAdapter(writer))
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's: wait for the CONNECT and make the session. Closes the connection if no CONNECT comes within
+        CONNECT_TIMEOUT_SECONDS of the TLS handshake (amqtt would wait forever) or if the first packet is too
+        large; NoDataError makes amqtt's _client_connected give the connection up."""
+        try:
+            initialized: tuple[BrokerProtocolHandler, Session] = await asyncio.wait_for(
+                super()._initialize_client_session(reader, writer, remote_address, remote_port),
+                CONNECT_TIMEOUT_SECONDS,
+            )
+        except (asyncio.TimeoutError, PacketTooLarge) as exc:
+            reason = str(exc) if isinstance(exc, PacketTooLarge) else f"no CONNECT within {CONNECT_TIMEOUT_SECONDS:g} s"
+            log.info("closing connection from %s:%s: %s", remote_address, remote_port, reason)
+            with contextlib.suppress(OSError):
+                await writer.close()
+            raise NoDataError(reason) from exc
+        return initialized
 
     async def _handle_client_session(  # noqa: PLR0917 -- amqtt's signature
         self,
@@ -278,6 +317,23 @@ class EmulatorBroker(Broker):  # type: ignore[misc]
         if not allowed and action in (Action.PUBLISH, Action.SUBSCRIBE):
             await self._drop(connection, f"policy does not allow {_IOT_ACTIONS[action]} on {topic!r}")
         return allowed
+
+    async def _handle_subscription(
+        self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: asyncio.Future[Any]
+    ) -> None:
+        """amqtt's, within AWS's subscription quotas: a SUBSCRIBE over them closes the connection, without SUBACK."""
+        requested = [topic_filter for topic_filter, _ in subscribe_waiter.result().topics]
+        held = [
+            topic_filter
+            for topic_filter, subscribers in self.subscriptions.items()
+            if any(subscriber is client_session for subscriber, _ in subscribers)
+        ]
+        problem = subscribe_problem(held, requested)
+        if problem is None:
+            await super()._handle_subscription(client_session, handler, subscribe_waiter)
+            return
+        log.info("closing connection %r: %s", client_session.client_id, problem)
+        await handler.handle_connection_closed()
 
     # -- messages -------------------------------------------------------------------------------
 

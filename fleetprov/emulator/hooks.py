@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fleetprov.emulator import lambda_runner
+
 log = logging.getLogger(__name__)
 
 HOOK_TIMEOUT_SECONDS = 5.0
@@ -35,17 +37,24 @@ async def run_hook(
     timeout: float = HOOK_TIMEOUT_SECONDS,
     cwd: Optional[str] = None,
 ) -> HookDecision:
-    """Run the hook in ``cwd`` (relative paths in its command resolve there) and return its decision."""
+    """Run the hook in ``cwd`` (relative paths in its command resolve there) and return its decision.
+
+    A CloudFormation Lambda function gets its own environment, made here: the emulator's variables never reach
+    its process. Any other hook is the emulator user's own command and inherits the emulator's environment."""
     try:
+        environment = lambda_runner.environment_for(command)
         process = await asyncio.create_subprocess_exec(
             *command,
             cwd=cwd,
+            env=environment,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
     except OSError as exc:
         return HookDecision(False, f"pre-provisioning hook could not start: {exc.strerror or exc}")
+    except (ValueError, LookupError) as exc:  # a function description edited by hand: the function cannot run
+        return HookDecision(False, f"pre-provisioning hook could not start: bad function description: {exc!r}")
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(json.dumps(hook_input).encode()), timeout=timeout)
     except asyncio.TimeoutError:

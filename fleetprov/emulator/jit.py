@@ -44,6 +44,9 @@ from fleetprov.errors import printable
 log = logging.getLogger(__name__)
 
 ACTIVATION_TIMEOUT_SECONDS = 10.0
+# What the activation command gets of the emulator's environment (it stands in for a Lambda function, which sees
+# nothing of the account's machines): enough to find programs and speak the locale, no credentials or tokens.
+ACTIVATION_INHERITS = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 CERTIFICATE_ID_PARAMETER = "AWS::IoT::Certificate::Id"
 EVENT_TOPIC_PREFIX = "$aws/events/certificates/registered/"
 
@@ -226,7 +229,7 @@ async def run_activation(activation: Activation, state_dir: Path, timeout: float
     an activation step that fails leaves the certificate PENDING_ACTIVATION, as a failed Lambda does."""
     name = activation.argv[0]
     environment = {
-        **os.environ,
+        **{variable: os.environ[variable] for variable in ACTIVATION_INHERITS if variable in os.environ},
         "FLEETPROV_CERTIFICATE_ID": activation.certificate_id,
         "FLEETPROV_CA_CERTIFICATE_ID": activation.ca_certificate_id,
         "FLEETPROV_STATE_DIR": str(state_dir),

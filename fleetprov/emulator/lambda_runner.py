@@ -6,7 +6,9 @@ stdin; the handler's return value goes as JSON to stdout, which is what the emul
 (hooks.py), so a Lambda pre-provisioning hook runs like any other hook, under the same 5 s limit.
 
 As in Lambda: the working directory is the function's directory, the environment holds only the function's
-variables and Lambda's own (no AWS credentials, no variables of the emulator's environment), what the handler
+variables and Lambda's own (no AWS credentials, no variables of the emulator's environment: the emulator starts
+this process with ``environment_for(command)``, so the function cannot read the emulator's variables back from
+/proc/self/environ, which keeps a process's initial environment whatever it does to os.environ), what the handler
 prints goes to the log (stderr here) rather than into the answer, the context object has the usual fields,
 and the function's Timeout stops it ("Task timed out"). An exception, a timeout or an answer that is not JSON
 ends with a non-zero status, which the emulator reports as a failed hook (403 AccessDenied).
@@ -25,6 +27,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
@@ -68,6 +71,17 @@ def lambda_environment(function: dict[str, Any], directory: Path) -> dict[str, s
     }
 
 
+def environment_for(command: Sequence[str]) -> Optional[dict[str, str]]:
+    """The environment to start ``command`` with if it runs this script on a function's directory (the hook command
+    stack_setup.hook_command makes), built from the function's description; None for any other command.
+    OSError or ValueError when the description cannot be read."""
+    if len(command) < 2 or command[-2] != str(Path(__file__).resolve()):
+        return None
+    directory = Path(command[-1])
+    function = json.loads((directory / FUNCTION_FILE).read_text(encoding="utf-8"))
+    return lambda_environment(function, directory)
+
+
 def main(argv: list[str]) -> int:
     directory = Path(argv[1]).resolve()
     function = json.loads((directory / FUNCTION_FILE).read_text(encoding="utf-8"))
@@ -75,8 +89,6 @@ def main(argv: list[str]) -> int:
     answer_fd = os.dup(1)
     os.dup2(2, 1)  # the handler's prints (even os.write(1, ...)) go to the log, as in Lambda
     sys.stdout = sys.stderr
-    os.environ.clear()
-    os.environ.update(lambda_environment(function, directory))
     os.chdir(directory)
     if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         del sys.path[0]  # this script's directory (before Python 3.11's -I leaves it out): not the handler's

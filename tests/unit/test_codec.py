@@ -117,6 +117,49 @@ def test_cbor_trailing_bytes_are_rejected_like_json() -> None:
         decode_payload(cbor2.dumps({"certificateOwnershipToken": "t"}) + b"\x00garbage", "cbor")
 
 
+def _shared_halves(depth: int) -> bytes:
+    """A CSR request whose arrays share their two halves (CBOR value sharing, tags 28/29): a couple of hundred
+    bytes that decode to 2**depth leaves."""
+    value: Any = "AAAAAAAA"
+    for _ in range(depth):
+        value = [value, value]
+    return bytes(cbor2.dumps({"certificateSigningRequest": value}, value_sharing=True))
+
+
+def _cyclic() -> bytes:
+    loop: list[Any] = []
+    loop.append(loop)
+    return bytes(cbor2.dumps({"certificateSigningRequest": loop}, value_sharing=True))
+
+
+def _string_references() -> bytes:
+    """One 2 KiB string, then 200 references to it (tags 256/25): each reference is 2 bytes."""
+    text = "A" * 2048
+    return bytes(cbor2.dumps({"a": text, "b": [text] * 200}, string_referencing=True))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [_shared_halves(2), _cyclic(), _string_references()],
+    ids=["shared-halves", "cyclic", "string-references"],
+)
+def test_cbor_that_decodes_larger_than_its_encoding_is_refused(payload: bytes) -> None:
+    with pytest.raises(PayloadError, match=r"^payload is not valid CBOR: decodes to more than its \d+ bytes"):
+        decode_payload(payload, "cbor")
+
+
+def test_the_shared_value_bomb_of_the_review_is_refused() -> None:
+    bomb = _shared_halves(25)  # json.dumps took 14 s and 650 MB to expand it
+    assert len(bomb) < 250
+    with pytest.raises(PayloadError, match="CBOR tags 28/29"):
+        decode_payload(bomb, "cbor")
+
+
+def test_a_shared_value_used_once_costs_nothing_and_is_accepted() -> None:
+    single = {"certificateSigningRequest": ["only", "once"]}
+    assert decode_payload(cbor2.dumps(single, value_sharing=True), "cbor") == single
+
+
 @pytest.mark.parametrize("payload", [b'{"a": "\\ud800"}', b'{"\\udfff": "x"}'], ids=["value", "key"])
 def test_json_lone_surrogate_escape_is_rejected(payload: bytes) -> None:
     with pytest.raises(PayloadError):

@@ -3,10 +3,12 @@ JustInTime.admit against a real registry file."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -27,8 +29,10 @@ from fleetprov.emulator.customer_ca import (
 )
 from fleetprov.emulator.jit import (
     EVENT_TOPIC_PREFIX,
+    Activation,
     JustInTime,
     missing_subject_fields,
+    run_activation,
     server_name_problem,
     subject_parameters,
 )
@@ -375,3 +379,18 @@ def test_register_ca_refuses_an_activation_command_it_cannot_split(registry: Reg
     with pytest.raises(EmulatorError, match="--activation-command"):
         register_ca(registry, Ca().cert, CaSettings(True, None, "DEFAULT", "unbalanced 'quote"), now=NOW)
     assert registry.ca_certificates() == []
+
+
+def test_the_activation_command_gets_an_allow_listed_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It stands in for a Lambda function: none of the emulator's variables (a token, a password) are in the
+    environment it starts with (/proc/self/environ), only PATH, locale and its three FLEETPROV_ variables."""
+    monkeypatch.setenv("EMULATOR_ONLY_SECRET", "leaked")
+    seen = tmp_path / "environ"
+    script = f"import shutil; shutil.copyfile('/proc/self/environ', {str(seen)!r})"
+    activation = Activation((sys.executable, "-c", script), "c" * 64, "a" * 64, b"{}")
+    asyncio.run(run_activation(activation, tmp_path / "state"))
+    names = {entry.split(b"=", 1)[0].decode() for entry in seen.read_bytes().split(b"\0") if entry}
+    assert "EMULATOR_ONLY_SECRET" not in names
+    assert {"PATH", "FLEETPROV_CERTIFICATE_ID", "FLEETPROV_CA_CERTIFICATE_ID", "FLEETPROV_STATE_DIR"} <= names

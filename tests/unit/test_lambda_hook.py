@@ -24,7 +24,7 @@ EVENT = {
 }
 
 
-def run(tmp_path: Path, code: str, *, timeout: float = 3, environment: Any = None) -> HookDecision:
+def install(tmp_path: Path, code: str, *, timeout: float = 3, environment: Any = None) -> Path:
     function = StackFunction(
         logical_id="Hook",
         name="hook-function",
@@ -36,8 +36,15 @@ def run(tmp_path: Path, code: str, *, timeout: float = 3, environment: Any = Non
         memory_mb=256,
         environment=environment or {},
     )
-    directory = install_function(function, tmp_path / "lambda", "eu-west-1")
+    return install_function(function, tmp_path / "lambda", "eu-west-1")
+
+
+def run_installed(directory: Path) -> HookDecision:
     return asyncio.run(run_hook(hook_command(directory), EVENT, cwd=str(directory)))
+
+
+def run(tmp_path: Path, code: str, *, timeout: float = 3, environment: Any = None) -> HookDecision:
+    return run_installed(install(tmp_path, code, timeout=timeout, environment=environment))
 
 
 def test_the_handler_decides_by_the_event(tmp_path: Path) -> None:
@@ -92,6 +99,29 @@ def test_environment_context_and_working_directory_are_lambdas(tmp_path: Path, m
     assert seen["memory"] == "256" and seen["remaining"] == "True"
     assert Path(seen["cwd"]) == (tmp_path / "lambda" / "Hook").resolve()
     assert not (tmp_path / "lambda" / "Hook" / "__pycache__").exists()
+
+
+def test_the_function_never_had_the_emulators_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/proc/self/environ is the environment the process started with, whatever it did to os.environ since: the
+    emulator's variables must not be there, not merely be removed after the function's process started."""
+    monkeypatch.setenv("EMULATOR_ONLY_VARIABLE", "leaked")
+    code = """
+        def handler(event, context):
+            with open("/proc/self/environ", "rb") as initial:
+                names = [entry.split(b"=", 1)[0].decode() for entry in initial.read().split(b"\\0") if entry]
+            return {"allowProvisioning": True, "parameterOverrides": {"initial": ",".join(sorted(names))}}
+    """
+    decision = run(tmp_path, code, environment={"ALLOWED_SERIAL_PREFIX": "fp-"})
+    initial = decision.parameter_overrides["initial"].split(",")
+    assert "EMULATOR_ONLY_VARIABLE" not in initial
+    assert "ALLOWED_SERIAL_PREFIX" in initial and "AWS_LAMBDA_FUNCTION_NAME" in initial
+
+
+def test_a_function_whose_description_was_damaged_is_denied(tmp_path: Path) -> None:
+    directory = install(tmp_path, "def handler(event, context):\n    return {'allowProvisioning': True}\n")
+    (directory / "function.json").write_text("{not json")
+    decision = run_installed(directory)
+    assert not decision.allowed and "could not start: bad function description" in decision.reason
 
 
 @pytest.mark.parametrize(

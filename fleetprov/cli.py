@@ -26,6 +26,7 @@ from fleetprov import __version__
 from fleetprov.claim_cli import add_claim_commands
 from fleetprov.errors import EX_OK, EX_USAGE, ConfigError, FleetprovError
 from fleetprov.factory_cli import add_factory_commands
+from fleetprov.hardening import harden_process
 from fleetprov.selfexec import python_command
 
 log = logging.getLogger("fleetprov")
@@ -239,6 +240,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    harden_process()  # first: before anything reads the PIN, the proxy password or a key
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "emulator" and rest:

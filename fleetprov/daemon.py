@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Callable, Optional, TypeVar, Union
 
 from fleetprov.agent import WaitingForClaim, once, record_last_run, store_of
+from fleetprov.children import reprovision_environment
 from fleetprov.claim import device_client_id, device_identity, endpoint_of
 from fleetprov.claim_inbox import PENDING, ExpiredClaim
 from fleetprov.config import Config
@@ -213,7 +214,8 @@ class Daemon:
         log.warning("%s: provisioning anew with the claim", why)
         while True:
             self._notifier.status(f"provisioning anew with the claim: {why}")
-            code = await self._until_stopped(_child(self._reprovision_command))
+            environment = reprovision_environment(self._environ, config)
+            code = await self._until_stopped(_child(self._reprovision_command, environment))
             if code == EX_OK:
                 self._failures = 0
                 return
@@ -298,9 +300,10 @@ async def _while_connected(session: Session, due: Optional[float]) -> Union[str,
             return await asyncio.wait_for(session.lost.wait(), wait)
 
 
-async def _child(argv: Sequence[str]) -> int:
-    """Run ``argv`` (its output goes where ours goes) and return its exit status; killed if cancelled."""
-    process = await asyncio.create_subprocess_exec(*argv)
+async def _child(argv: Sequence[str], environment: Mapping[str, str]) -> int:
+    """Run ``argv`` with ``environment`` (its output goes where ours goes) and return its exit status; killed
+    if cancelled."""
+    process = await asyncio.create_subprocess_exec(*argv, env=dict(environment))
     try:
         return await process.wait()
     finally:

@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import yaml
 
 from tests.support import Emulator, device_config, fleetprov
 
-RECORDING_HOOK = """#!/bin/sh
-env | grep -E '^(FLEETPROV_|TEST_PKCS11_PIN|CREDENTIALS_DIRECTORY)' | sort > "{out}/$(basename "$0").env"
+RECORDING_HOOK = f"""#!{sys.executable}
+import json, os, sys
+with open(os.path.join("{{out}}", os.path.basename(sys.argv[0]) + ".env"), "w") as record:
+    json.dump(dict(os.environ), record)
 """
+# What fleetprov passes on of its own environment to every child (fleetprov/children.py, README).
+ALLOW_LIST = ("PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "TZ", "LANG", "LANGUAGE")
+
+
+def allowed(environment: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in environment.items() if name in ALLOW_LIST or name.startswith("LC_")}
 
 
 def _hook(directory: Path, name: str, text: str, mode: int = 0o755) -> Path:
@@ -32,7 +41,8 @@ def _config(emulator: Emulator, directory: Path, hooks: Path, serial: str, timeo
 
 
 def _env(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+    recorded: dict[str, str] = json.loads(path.read_text())
+    return recorded
 
 
 def test_hooks_get_the_identity_and_failures_change_nothing(emulator: Emulator, tmp_path: Path) -> None:
@@ -50,7 +60,7 @@ def test_hooks_get_the_identity_and_failures_change_nothing(emulator: Emulator, 
 
     result = fleetprov("--once", "--config", str(config), env={"TEST_PKCS11_PIN": "not-for-hooks"})
     assert result.returncode == 0, result.stderr
-    assert sorted(path.name for path in out.iterdir()) == ["10-record.env", "40-record.env"]
+    assert sorted(path.name for path in out.iterdir()) == ["10-record.env", "40-record.env"], result.stderr
     assert f"hook {hooks / '20-fails'}: exit status 3 (the identity stays committed): something broke" in result.stderr
     assert f"hook {hooks / '30-hangs'}: killed after 1 s" in result.stderr
     assert f"hook {hooks / '10-record'}: ok" in result.stderr
@@ -67,7 +77,7 @@ def test_hooks_get_the_identity_and_failures_change_nothing(emulator: Emulator, 
         "FLEETPROV_DEVICE_CONFIG": str(state / "generations" / "1" / "device-config.json"),
         "FLEETPROV_GENERATION": "1",
         "FLEETPROV_STATE_DIR": str(state),
-        "TEST_PKCS11_PIN": "not-for-hooks",  # not configured as the PIN's source here: passed on like any other
+        **allowed(dict(os.environ)),  # and nothing else: not TEST_PKCS11_PIN, although it is no PIN source here
     }
     assert manifest["thing_name"] == "fleetprov-hooked"
     assert json.loads(Path(env["FLEETPROV_DEVICE_CONFIG"]).read_text()) == manifest["device_configuration"]

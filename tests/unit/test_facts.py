@@ -279,7 +279,11 @@ def test_command_runs_with_stdin_closed(tmp_path: Path) -> None:
     [
         (
             'sys.stderr.write("x" * 400 + "no badge reader found\\n"); sys.exit(3)',
-            "exited with status 3: " + "x" * 279 + "no badge reader found",
+            "exited with status 3: ..." + "x" * 279 + "no badge reader found",
+        ),
+        (  # escaped: the message is logged and kept in last-run.json
+            'sys.stderr.write("no reader\\n\\x1b[2Jcommit: ok\\n"); sys.exit(2)',
+            "exited with status 2: no reader\\n\\x1b[2Jcommit: ok",
         ),
         ("sys.exit(1)", "exited with status 1"),
         ('print("Site=lab")', "did not print JSON: Expecting value: line 1 column 1 (char 0)"),

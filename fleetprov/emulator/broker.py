@@ -21,10 +21,11 @@ by tests/unit/test_amqtt_guard.py, which fails if amqtt's version of the method 
 * ``_handle_message_delivery``: requests on ``$aws/...`` topics (which amqtt refuses) go to the
   provisioning service, and the reply is published to the requesting connection only.
 * AWS IoT Core's message broker limits (mqtt_limits.py): ``stream_connected`` reads each connection through a
-  CappedStreamReader, whose packets may not announce more than 128 KB and some (the fixed-header decoder is
-  patched for it: ``install_packet_size_cap``); ``_initialize_client_session`` closes a connection that sends no
-  CONNECT within 10 s, or an oversized one; ``_handle_subscription`` closes a connection whose SUBSCRIBE has more
-  than 8 topic filters or takes it over 50 subscriptions, as AWS does.
+  CappedStreamReader, on which amqtt's fixed-header decoder (patched by ``install_packet_size_cap``) refuses a
+  packet larger than any AWS accepts (a 128 KB payload and its topic) before reading its body;
+  ``_initialize_client_session`` closes a connection that sends no CONNECT within 10 s, or an oversized one;
+  ``_handle_subscription`` closes a connection whose SUBSCRIBE has more than 8 topic filters or takes it over 50
+  subscriptions, as AWS does.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def lambda_environment(function: dict[str, Any], directory: Path) -> dict[str, s
 def environment_for(command: Sequence[str]) -> Optional[dict[str, str]]:
     """The environment to start ``command`` with if it runs this script on a function's directory (the hook command
     stack_setup.hook_command makes), built from the function's description; None for any other command.
-    OSError or ValueError when the description cannot be read."""
+    OSError, ValueError or KeyError when the description cannot be read or lacks a field."""
     if len(command) < 2 or command[-2] != str(Path(__file__).resolve()):
         return None
     directory = Path(command[-1])

@@ -33,9 +33,10 @@ is opened with O_NOFOLLOW below a parent reached without following a symlink ano
 (a symlink in place of the inbox is refused); entries are made new (mkdir, O_CREAT|O_EXCL|O_NOFOLLOW), given
 their mode and owner with fchmod and fchown, renamed, linked and removed relative to the inbox's descriptor.
 Root keeps the ``.incoming`` directory to itself until the claim in it is complete, then gives it and
-everything in it to the owner of the inbox. This, not dropping to the inbox owner's uid, because it needs no
-second process to report errors from and keeps a new inbox's creation inside the same rules; the walk that
-refuses another user's symlinks also keeps root from being sent to write in a directory of its own.
+everything in it to the owner of the inbox. Descriptors rather than dropping to the inbox owner's uid: which
+uid to drop to would be read from a path that owner controls (a symlink in place of the inbox, pointing at a
+directory of root's, would keep root root), and the missing inbox must be made by root anyway; refusing
+another user's symlinks on the way covers both, in one process whose errors need no relaying.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def open_directory(path: Path, *, create: bool = False) -> int:
                 except FileExistsError:  # made meanwhile (another install): look again
                     parts.insert(0, name)
                     child = -1
-            except OSError as exc:  # ELOOP or ENOTDIR: O_NOFOLLOW met a symlink, or this is not a directory
+            except OSError as exc:  # ENOTDIR (ELOOP on some systems): a symlink (O_NOFOLLOW), or not a directory
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
                 target = _followable_link(fd, name, walked / name, exc)
@@ -111,10 +111,10 @@ def make_directory(parent_fd: int, name: str, mode: int, owner: Owner) -> int:
     """Make the directory ``name`` in ``parent_fd`` with exactly ``mode`` and ``owner``; its descriptor.
 
     fsync'd, and its parent too. FileExistsError if the name is taken (nothing planted there is used); OSError
-    if the new directory was replaced before it could be opened (ELOOP for a symlink, EBUSY for a directory).
+    if the new directory was replaced before it could be opened (ENOTDIR for a symlink, EBUSY for a directory).
     The umask must leave the owner rwx (a non-root caller opens what it made before setting ``mode``)."""
     os.mkdir(name, mode, dir_fd=parent_fd)
-    fd = os.open(name, DIRECTORY_FLAGS, dir_fd=parent_fd)  # a symlink put in its place: ELOOP
+    fd = os.open(name, DIRECTORY_FLAGS, dir_fd=parent_fd)  # a symlink put in its place: ENOTDIR
     try:
         if os.fstat(fd).st_uid != os.geteuid():  # a directory of the other user's, renamed in its place
             raise OSError(errno.EBUSY, f"{name} was replaced while it was made")
@@ -166,7 +166,7 @@ def remove_entry(directory_fd: int, name: str) -> None:
         return
     except IsADirectoryError:
         pass
-    fd = os.open(name, DIRECTORY_FLAGS, dir_fd=directory_fd)  # replaced by a symlink meanwhile: ELOOP, kept
+    fd = os.open(name, DIRECTORY_FLAGS, dir_fd=directory_fd)  # replaced by a symlink meanwhile: ENOTDIR, kept
     try:
         with os.scandir(fd) as entries:
             names = [entry.name for entry in entries]

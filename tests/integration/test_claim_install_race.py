@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,9 +139,27 @@ def race_dir() -> Iterator[Path]:
         shutil.rmtree(base)
 
 
-def test_the_service_user_cannot_turn_claim_install_against_root_files(race_dir: Path) -> None:
+def _device(race_dir: Path) -> tuple[Path, Path]:
+    """(configuration, inbox) of a trusted-user device whose state directory is the service user's."""
     state = race_dir / "state"
-    inbox = state / "inbox"
+    state.mkdir(mode=0o700)
+    os.chown(state, SERVICE_USER, SERVICE_USER)
+    config = race_dir / "config.yaml"
+    config.write_text(
+        f"endpoint: localhost\nroot_ca: /ca.pem\nclaim: {{inbox: {state / 'inbox'}}}\nprovisioning: {{template: T}}\n"
+        f"state_dir: {state}\n"
+    )
+    return config, state / "inbox"
+
+
+def _install(config: Path, certificate: Path, key: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return fleetprov("claim", "install", "--config", str(config), "--certificate", str(certificate),
+                     "--key", str(key), timeout=60, env=env or None)  # fmt: skip
+
+
+def test_the_service_user_cannot_turn_claim_install_against_root_files(race_dir: Path) -> None:
+    config, inbox = _device(race_dir)
+    state = inbox.parent
     victim = race_dir / "shadow"
     victim.write_bytes(VICTIM_CONTENT)
     victim.chmod(0o600)
@@ -148,11 +167,6 @@ def test_the_service_user_cannot_turn_claim_install_against_root_files(race_dir:
     cert, key, _ = write_claim(race_dir / "installer")
     certificate = x509.load_pem_x509_certificate(cert.read_bytes())
     stored_key = key.read_bytes()  # write_claim writes PKCS#8, as the inbox stores it
-    config = race_dir / "config.yaml"
-    config.write_text(
-        f"endpoint: localhost\nroot_ca: /ca.pem\nclaim: {{inbox: {inbox}}}\nprovisioning: {{template: T}}\n"
-        f"state_dir: {state}\n"
-    )
     outcomes: dict[str, dict[str, int]] = {target: {} for target in TARGETS}
     for iteration in range(ITERATIONS):
         target = TARGETS[iteration % len(TARGETS)]
@@ -161,8 +175,7 @@ def test_the_service_user_cannot_turn_claim_install_against_root_files(race_dir:
         state.mkdir(mode=0o700, exist_ok=True)
         os.chown(state, SERVICE_USER, SERVICE_USER)
         with _attacker(target, inbox, victim) as swaps:
-            done = fleetprov("claim", "install", "--config", str(config), "--certificate", str(cert),
-                             "--key", str(key), timeout=60)  # fmt: skip
+            done = _install(config, cert, key)
         assert _fingerprint(victim) == before, (target, iteration, done.stderr)
         assert "Traceback" not in done.stderr
         if done.returncode == 0:
@@ -179,3 +192,23 @@ def test_the_service_user_cannot_turn_claim_install_against_root_files(race_dir:
         for leftover in state.glob("inbox.moved-*"):  # the attacker's, now that it is gone
             shutil.rmtree(leftover)
     assert all(counts["swaps"] > 0 for counts in outcomes.values()), outcomes  # it did race root, every way
+
+
+def test_a_half_built_claim_is_root_s_alone_until_complete(race_dir: Path) -> None:
+    """Killed halfway through writing the key: what is left in the service user's inbox is root's, 0700 (the
+    service user cannot read the half key nor put anything in it); the next install removes it."""
+    config, inbox = _device(race_dir)
+    cert, key, _ = write_claim(race_dir / "installer")
+    killed = _install(config, cert, key, FLEETPROV_CRASH_AT="mid-write:private.key")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (incoming,) = inbox.glob(".incoming-*")
+    assert (incoming.lstat().st_uid, stat.S_IMODE(incoming.lstat().st_mode)) == (0, 0o700)
+    assert stat.S_IMODE((incoming / "private.key").lstat().st_mode) == 0o600
+    assert (inbox.stat().st_uid, stat.S_IMODE(inbox.stat().st_mode)) == (SERVICE_USER, 0o700)  # made for it
+
+    done = _install(config, cert, key)
+    assert done.returncode == 0, done.stderr
+    assert not list(inbox.glob(".incoming-*"))
+    entry = inbox / os.readlink(inbox / "pending")
+    for path in (entry, entry / "certificate.pem", entry / "private.key"):
+        assert path.lstat().st_uid == SERVICE_USER, path

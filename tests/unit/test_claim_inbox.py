@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from fleetprov import claim_inbox
+from fleetprov import claim_inbox, dirfd
 from fleetprov.claim_inbox import (
     ClaimFileError,
     CorruptClaim,
@@ -408,7 +408,7 @@ def test_messages_never_show_the_key(tmp_path: Path, inbox: Path) -> None:
 def test_a_failed_write_changes_nothing(tmp_path: Path, inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Claim(tmp_path / "earlier").install(inbox)
     before = snapshot(inbox)
-    real_create_file = claim_inbox.create_file
+    real_create_file = dirfd.create_file
 
     def full_disk(directory_fd: int, name: str, data: bytes, mode: int, owner: Optional[tuple[int, int]]) -> None:
         if name == "private.key":
@@ -435,7 +435,7 @@ def test_a_failed_switch_changes_nothing(tmp_path: Path, inbox: Path, monkeypatc
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         real_rename(source, destination, **dir_fds)
 
-    monkeypatch.setattr(claim_inbox.os, "rename", read_only)
+    monkeypatch.setattr(os, "rename", read_only)  # as claim_inbox calls it
     with pytest.raises(StorageError, match=f"cannot switch {inbox / 'pending'}: Read-only file system"):
         Claim(tmp_path / "app").install(inbox)
     assert snapshot(inbox) == before

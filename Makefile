@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := openssl mosquitto mosquitto-clients tinyproxy faketime softhsm2 systemd procps
+DEB_PACKAGES := openssl mosquitto mosquitto-clients tinyproxy faketime softhsm2 systemd procps strace
 # The Debian package (make deb) and its test: build, lint, and a Debian 12 root to install it into.
 DEB_PACKAGES += build-essential dpkg-dev debhelper python3.11 python3-pip ca-certificates lintian debootstrap
 

@@ -2,17 +2,21 @@
 
 A reader (or a reboot) sees either the old content or the new one, never a mix. Files that must not exist
 yet (a private key, anything inside a staging directory) are created with O_EXCL instead, with their final
-mode from the first byte. Every write function raises StorageError naming the path; the fsync helpers
-raise OSError for their caller to name.
+mode from the first byte. set_mode changes a mode through a descriptor opened with O_NOFOLLOW, never by
+path: a symlink put in the place of a file is refused, not followed. Every write function (and set_mode)
+raises StorageError naming the path; the fsync helpers raise OSError for their caller to name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
 
 from fleetprov.crashpoints import crash_mid_write, crash_point
 from fleetprov.errors import StorageError
@@ -27,20 +31,55 @@ def storage_errors(action: str, path: Path) -> Iterator[None]:
         raise StorageError(f"cannot {action} {path}: {exc.strerror or exc}", step="store") from exc
 
 
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def fsync_dir(directory: Path) -> None:
-    _fsync(directory, os.O_DIRECTORY)
+def set_mode(path: Path, mode: int, *, directory: bool = False, parent_fd: Optional[int] = None) -> None:
+    """Give the regular file (or, with ``directory``, the directory) ``path`` exactly ``mode`` and fsync it: the
+    mode, and whatever was written to it, are on disk when this returns. With ``parent_fd`` (a descriptor of
+    ``path``'s directory) the name is looked up in that directory, not along the path.
+
+    The mode is set on a descriptor opened with O_NOFOLLOW (and O_NONBLOCK: a FIFO put there does not block
+    us), never by path: chmod(2) by path follows a symlink that whoever can write the directory put in the
+    file's place, and would change the mode of its target (any file). A symlink or anything but the expected
+    kind of file is refused: StorageError naming ``path``.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
+    kind = "a directory" if directory else "a regular file"
+    name = path if parent_fd is None else path.name
+    with storage_errors("set the mode of", path):
+        try:
+            fd = os.open(name, flags, dir_fd=parent_fd)
+        except OSError as exc:
+            # O_NOFOLLOW refuses a symlink with ELOOP, or with ENOTDIR when O_DIRECTORY is set
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(name, parent_fd):
+                raise StorageError(
+                    f"cannot set the mode of {path}: it is a symlink, not {kind}", step="store"
+                ) from None
+            raise
+    try:
+        with storage_errors("set the mode of", path):
+            found = os.fstat(fd).st_mode
+            if not (stat.S_ISDIR(found) if directory else stat.S_ISREG(found)):
+                raise StorageError(f"cannot set the mode of {path}: it is not {kind}", step="store")
+            if stat.S_IMODE(found) != mode:
+                os.fchmod(fd, mode)
+        with storage_errors("sync", path):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    _fsync(path, os.O_NOFOLLOW)
+def _is_symlink(name: Path | str, parent_fd: Optional[int]) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=parent_fd).st_mode)
+    except OSError:
+        return False
 
 
 def _create_and_write(path: Path, data: bytes, mode: int) -> None:

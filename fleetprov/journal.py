@@ -12,7 +12,8 @@
 
 A run that finds a journal resumes from its stage: RegisterThing with the saved token while the token is
 valid (minus a margin), else it starts over and records the abandoned certificate. The new identity
-connects from the staging directory before it is committed; the journal is removed after the commit.
+connects from the staging directory before it is committed; the journal is removed after the commit. Every
+write and the removal are fsync'd, file and state directory, before they return (power loss, not only kill -9).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from fleetprov.atomicio import write_atomic
+from fleetprov.atomicio import fsync_dir, write_atomic
 from fleetprov.errors import StorageError
 from fleetprov.store import CorruptState
 
@@ -140,9 +141,12 @@ def _check(journal: Journal) -> None:
 
 
 def clear_journal(state_dir: Path) -> None:
+    """Remove the journal, durably: the state directory is fsync'd before the next step (a hook, the next
+    network call) can rely on the run being finished."""
     path = journal_path(state_dir)
     try:
         path.unlink()
+        fsync_dir(state_dir)
     except FileNotFoundError:
         return
     except OSError as exc:

@@ -12,15 +12,28 @@ Layout of the state directory (README "State directory"; every directory 0700, b
     removing-<n>-<random>/              a generation being deleted by prune()
     lock                                flock(2) target; holds the holder's pid
 
+<n> is 1 to MAX_GENERATION in decimal (generation_name, generation_number: one rule for reading and writing);
+any other name in generations/ is not a generation. A commit whose number would pass MAX_GENERATION fails
+before it renames anything.
+
 With share_with_group (GROUP_MODES) the published identity is readable by the directories' group: the state
 directory, generations/ and each generation 0750, a generation's files 0640 (private.key too). The lock, the
 journal and staging directories stay 0600/0700, and a generation's directory and files get their final modes
-(umask-independent) at commit, before the rename that makes them visible.
+(umask-independent) at commit, before the rename that makes them visible. Modes are set through descriptors
+opened with O_NOFOLLOW (atomicio.set_mode), never by path: a symlink in the place of a file or directory is
+refused with a StorageError naming it, never followed.
 
 Why a crash cannot leave anything half-written under ``current``: every file of a generation is written and
 fsync'd inside a staging directory nobody reads; one rename(2) turns it into generations/<n>, complete; a
 second rename(2), of a symlink, publishes it. After a crash ``current`` names the old generation or the new
 one, both complete, and recover() removes the leftovers (staging-*, removing-*, current.tmp-*).
+
+A power cut loses more than a crash (the page cache), so the order is on disk too (DESIGN.md "Crash safety"):
+a file is fsync'd after its last change (contents, mode) before a rename places it, and a directory whose
+entries changed is fsync'd before the next step relies on it: the rename staging-* -> generations/<n> fsyncs
+both parents before ``current`` names the generation; prune() fsyncs generations/ and the state directory
+around each deletion, recover() the state directory after its removals. tests/integration/test_durability.py
+checks this on the system calls of real runs.
 
 stage, commit, switch_to, prune and recover expect the caller to hold lock().
 """
@@ -35,7 +48,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -44,7 +56,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Optional
 
-from fleetprov.atomicio import TEMPORARY_FILE, fsync_dir, fsync_file, replace_symlink, storage_errors, write_new
+from fleetprov.atomicio import TEMPORARY_FILE, fsync_dir, replace_symlink, set_mode, storage_errors, write_new
 from fleetprov.errors import EX_TEMPFAIL, FleetprovError, StorageError
 
 CURRENT = "current"
@@ -65,7 +77,10 @@ IDENTITY_FORMAT = 1
 
 _TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_GENERATION_NAME = re.compile(r"[1-9][0-9]{0,17}")
+# One rule for generation numbers, reading and writing: 1 to MAX_GENERATION, written in decimal without leading
+# zeros (generation_name, generation_number). A directory named otherwise is not a generation.
+MAX_GENERATION = 10**18 - 1
+_GENERATION_NAME = re.compile(rf"[1-9][0-9]{{0,{len(str(MAX_GENERATION)) - 1}}}")
 
 
 class CorruptState(StorageError):
@@ -263,10 +278,15 @@ class Staging:
         for name in (CERTIFICATE, MANIFEST, DEVICE_CONFIG, IDENTITY):
             with storage_errors("remove", self.path / name):
                 (self.path / name).unlink(missing_ok=True)
+        with storage_errors("sync", self.path):
+            fsync_dir(self.path)
 
     def discard(self) -> None:
-        """Remove the staging directory; best effort (recover() finishes the job), never raises."""
+        """Remove the staging directory, and sync the state directory; best effort (recover() finishes the job),
+        never raises."""
         shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            fsync_dir(self.path.parent)
 
     def _write(self, name: str, data: bytes) -> Path:
         path = self.path / name
@@ -296,16 +316,15 @@ class Store:
         """Create the state directory and generations/ if missing, with ``modes.directory`` (0700, or 0750 with
         share_with_group), and give generations/ that mode if it has another: switching share_with_group off
         closes every generation to the group at once. An existing state directory keeps its mode (set by an
-        administrator or systemd's StateDirectoryMode=) unless share_with_group needs it 0750."""
+        administrator or systemd's StateDirectoryMode=) unless share_with_group needs it 0750. Modes are set
+        through descriptors (atomicio.set_mode): a symlink in the place of generations/, or of the state
+        directory when its mode is set, is refused (StorageError)."""
         wanted = self.modes.directory
         for directory in (self.state_dir, self._generations):
             with storage_errors("create", directory):
                 created = _make_directory(directory, wanted)
-            if created or (directory == self.state_dir and not self.share_with_group):
-                continue
-            with storage_errors("set the mode of", directory):
-                if stat.S_IMODE(directory.stat().st_mode) != wanted:
-                    directory.chmod(wanted)
+            if not created and (directory != self.state_dir or self.share_with_group):
+                set_mode(directory, wanted, directory=True)  # a symlink in its place is refused
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -341,8 +360,9 @@ class Store:
         number = self._current_number()
         if number is None:
             return None
-        if not (self._generations / str(number)).is_dir():
-            raise CorruptState(f"{self._current} points to {self._generations / str(number)}, which does not exist")
+        path = self._generations / generation_name(number)
+        if not path.is_dir():
+            raise CorruptState(f"{self._current} points to {path}, which does not exist")
         return self._load(number)
 
     def stage(self) -> Staging:
@@ -364,32 +384,25 @@ class Store:
         were written (the systemd unit sets 0077) or whatever share_with_group said then (a resumed run).
 
         On failure (StorageError naming the path) ``current`` is left as it was, or put back, and the staging
-        directory and any half-published generation are removed.
+        directory and any half-published generation are removed. A number past MAX_GENERATION fails before
+        anything is renamed.
         """
         try:
             previous = self._current_target()
             manifest = self._check_complete(staging)
-            number = max(self.generations(), default=0) + 1
+            number = self._next_number()
         except StorageError:
             staging.discard()
             raise
-        destination = self._generations / str(number)
+        destination = self._generations / generation_name(number)
         try:
-            with storage_errors("list", staging.path):
-                entries = sorted(staging.path.iterdir())
-            for entry in entries:
-                with storage_errors("set the mode of", entry):
-                    entry.chmod(self.modes.of_file(entry.name))
-                with storage_errors("sync", entry):
-                    fsync_file(entry)
-            with storage_errors("set the mode of", staging.path):
-                staging.path.chmod(self.modes.directory)
-            with storage_errors("sync", staging.path):
-                fsync_dir(staging.path)
+            _set_final_modes(staging.path, self.modes)
             with storage_errors(f"rename {staging.path} to", destination):
                 staging.path.rename(destination)
-            with storage_errors("sync", self._generations):
-                fsync_dir(self._generations)
+            # A rename changes two directories: both are on disk before `current` may name the generation.
+            for parent in (self._generations, self.state_dir):
+                with storage_errors("sync", parent):
+                    fsync_dir(parent)
             if publish:
                 replace_symlink(self._current, _link_target(number))
         except StorageError:
@@ -410,7 +423,7 @@ class Store:
             return []
         except OSError as exc:
             raise StorageError(f"cannot list {self._generations}: {exc.strerror}", step="store") from exc
-        return sorted(number for number in map(_generation_number, names) if number is not None)
+        return sorted(number for number in map(generation_number, names) if number is not None)
 
     def prune(self, keep: int = 2) -> list[int]:
         """Delete generations, keeping ``current`` and the newest ``keep - 1`` published before it.
@@ -455,7 +468,7 @@ class Store:
             return []
         except OSError as exc:
             raise StorageError(f"cannot list {self.state_dir}: {exc.strerror}", step="store") from exc
-        notes = []
+        notes: list[str] = []
         for name in names:
             path = self.state_dir / name
             if name == keep:
@@ -479,7 +492,23 @@ class Store:
                 notes.append(f"could not remove {path}: {exc.strerror}")
             else:
                 notes.append(done)
+        if notes:  # what was removed stays removed, whatever comes next (a connect, a new staging directory)
+            try:
+                fsync_dir(self.state_dir)
+            except OSError as exc:
+                notes.append(f"could not sync {self.state_dir}: {exc.strerror}")
         return notes
+
+    def _next_number(self) -> int:
+        """The number of the next generation: one more than the highest; StorageError past MAX_GENERATION."""
+        number = max(self.generations(), default=0) + 1
+        if number > MAX_GENERATION:
+            raise StorageError(
+                f"cannot commit a new generation: {self._generations / generation_name(number - 1)} has the highest "
+                f"number a generation can have; move the generations in {self._generations} to lower numbers",
+                step="store",
+            )
+        return number
 
     def _current_target(self) -> Optional[str]:
         """What ``current`` points to, as written; None if there is no ``current``."""
@@ -497,14 +526,16 @@ class Store:
         if target is None:
             return None
         prefix = f"{GENERATIONS}/"
-        number = _generation_number(target[len(prefix) :]) if target.startswith(prefix) else None
+        number = generation_number(target[len(prefix) :]) if target.startswith(prefix) else None
         if number is None:
             raise CorruptState(f"{self._current} points to {target!r}, not to {GENERATIONS}/<n>")
         return number
 
     def _load(self, number: int) -> Generation:
         """Read generations/<number> back; CorruptState naming the first missing or invalid file."""
-        manifest_path = self._generations / str(number) / MANIFEST
+        if not 1 <= number <= MAX_GENERATION:  # a number from the journal, say: not one a generation can have
+            raise CorruptState(f"there is no generation {number} in {self._generations}")
+        manifest_path = self._generations / generation_name(number) / MANIFEST
         try:
             data = manifest_path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):
@@ -518,7 +549,7 @@ class Store:
         return generation
 
     def _generation(self, number: int, manifest: Manifest) -> Generation:
-        path = self._generations / str(number)
+        path = self._generations / generation_name(number)
         key = path / PRIVATE_KEY if manifest.key_reference == KEY_FILE_REFERENCE else None
         return Generation(number, path, manifest, path / CERTIFICATE, key)
 
@@ -551,30 +582,67 @@ class Store:
                 self._remove_generation(number)
 
     def _remove_generation(self, number: int) -> None:
-        """Rename generations/<number> out of the way first, so that no half-deleted generation is ever listed."""
+        """Rename generations/<number> out of the way first, so that no half-deleted generation is ever listed;
+        then delete it. Both directories the rename changed are fsync'd before the deletion starts, the state
+        directory again after it (a removing-* left by a power cut is finished by recover())."""
         doomed = self.state_dir / f"{REMOVING_PREFIX}{number}-{secrets.token_hex(4)}"
-        (self._generations / str(number)).rename(doomed)
+        (self._generations / generation_name(number)).rename(doomed)
+        fsync_dir(self._generations)
+        fsync_dir(self.state_dir)
         shutil.rmtree(doomed, ignore_errors=True)
+        fsync_dir(self.state_dir)
 
 
-def _link_target(number: int) -> str:
-    return f"{GENERATIONS}/{number}"
+def generation_name(number: int) -> str:
+    """The directory name of generation ``number``; ValueError outside 1..MAX_GENERATION."""
+    if not 1 <= number <= MAX_GENERATION:
+        raise ValueError(f"generation numbers go from 1 to {MAX_GENERATION}, not {number}")
+    return str(number)
 
 
-def _generation_number(name: str) -> Optional[int]:
+def generation_number(name: str) -> Optional[int]:
+    """The number of a generation directory named ``name``; None for any other name (generation_name's inverse)."""
     return int(name) if _GENERATION_NAME.fullmatch(name) else None
 
 
+def _link_target(number: int) -> str:
+    return f"{GENERATIONS}/{generation_name(number)}"
+
+
+def _set_final_modes(staging: Path, modes: Modes) -> None:
+    """Give a staging directory and its files their published modes, and fsync them (the directory last: its
+    entries are on disk too). Through descriptors: the directory is opened with O_NOFOLLOW and its files are
+    looked up in it, so a symlink put in the place of either is refused, never followed (atomicio.set_mode)."""
+    with storage_errors("open", staging):
+        try:
+            fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except NotADirectoryError:  # O_NOFOLLOW|O_DIRECTORY's answer to a symlink
+            raise StorageError(f"cannot commit {staging}: it is a symlink or not a directory", step="store") from None
+    try:
+        with storage_errors("list", staging):
+            names = sorted(os.listdir(fd))  # noqa: PTH208 -- the directory opened, not whatever the path names now
+        for name in names:
+            set_mode(staging / name, modes.of_file(name), parent_fd=fd)
+    finally:
+        os.close(fd)
+    set_mode(staging, modes.directory, directory=True)
+
+
 def _make_directory(directory: Path, mode: int) -> bool:
-    """Create ``directory`` (and missing parents) with exactly ``mode``; False if it is there already."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    """Create ``directory`` with exactly ``mode``, and missing parents as ``mkdir -p`` would (modes from the
+    umask); False if it is there already. Every directory made is on disk (its parent fsync'd) on return."""
+    missing = [parent for parent in directory.parents if not parent.is_dir()]
+    for parent in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile; a file there makes the mkdir below fail
+            parent.mkdir()
+        fsync_dir(parent.parent)
     try:
         directory.mkdir(mode=mode)
     except FileExistsError:
         if directory.is_dir():
             return False
         raise
-    directory.chmod(mode)  # mkdir's mode went through the umask
+    set_mode(directory, mode, directory=True)  # mkdir's mode went through the umask
     fsync_dir(directory.parent)
     return True
 

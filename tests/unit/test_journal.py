@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import errno
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fleetprov.errors import StorageError
 from fleetprov.journal import (
     JOURNAL,
     TOKEN_LIFETIME,
@@ -94,3 +97,23 @@ def test_text_names_what_is_missing() -> None:
     with pytest.raises(CorruptState, match=r"stage started\) has no thing_name"):
         started().text("thing_name")
     assert started().at("registered", thing_name="t").text("thing_name") == "t"
+
+
+def test_clearing_the_journal_is_made_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal that a power cut brings back would resume a finished run: after the unlink the state directory
+    is fsync'd, and a failing sync is an error the caller hears of."""
+    save_journal(tmp_path, started())
+    state_inode, real_fsync = tmp_path.stat().st_ino, os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == state_inode:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageError) as raised:
+        clear_journal(tmp_path)
+    monkeypatch.undo()
+    assert raised.value.message == f"cannot remove {tmp_path / JOURNAL}: Input/output error"
+    assert not (tmp_path / JOURNAL).exists()
+    clear_journal(tmp_path)  # nothing left to remove: nothing to say

@@ -25,12 +25,15 @@ from fleetprov.atomicio import write_atomic
 from fleetprov.errors import EX_CANTCREAT, EX_TEMPFAIL, StorageError
 from fleetprov.store import (
     KEY_FILE_REFERENCE,
+    MAX_GENERATION,
     CorruptState,
     Generation,
     Manifest,
     Staging,
     Store,
     StoreLocked,
+    generation_name,
+    generation_number,
     iso_utc,
     parse_iso_utc,
 )
@@ -299,6 +302,28 @@ def test_prune_without_current_deletes_nothing(store: Store, state: Path) -> Non
     assert store.generations() == [1]
 
 
+def test_prune_deletes_a_generation_only_once_its_rename_is_on_disk(
+    store: Store, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut must not bring back a half-deleted generations/<n>: when generations/ cannot be synced after
+    the rename, the renamed generation stays whole for recover() to finish."""
+    for serial in (1, 2, 3):
+        provision(store, serial)
+    generations_inode = (state / "generations").stat().st_ino
+    monkeypatch.setattr(os, "fsync", failing(errno.EIO, os.fsync, lambda fd: os.fstat(fd).st_ino == generations_inode))
+
+    with pytest.raises(StorageError) as raised:
+        store.prune()
+    monkeypatch.undo()
+
+    assert raised.value.message == f"cannot remove {state / 'generations' / '1'}: Input/output error"
+    assert store.generations() == [2, 3]
+    [removing] = [path for path in state.iterdir() if path.name.startswith("removing-1-")]
+    assert listing(removing) == ["certificate.pem", "device-config.json", "manifest.json", "private.key"]
+    assert store.recover() == [f"removed {removing}: an old generation that was being deleted when fleetprov stopped"]
+    assert listing(state) == ["current", "generations"]
+
+
 def test_prune_refuses_keep_below_one(store: Store) -> None:
     with pytest.raises(ValueError, match="keep must be at least 1"):
         store.prune(keep=0)
@@ -364,6 +389,18 @@ def test_recover_reports_what_it_cannot_remove(store: Store, state: Path, monkey
 
     monkeypatch.setattr("fleetprov.store.shutil.rmtree", read_only)
     assert store.recover() == [f"could not remove {leftover.path}: Read-only file system"]
+
+
+def test_recover_syncs_what_it_removed(store: Store, state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What recovery removed stays removed after a power cut: the state directory is fsync'd, and a failing
+    sync is told (the device then connects with `current` all the same)."""
+    leftover = store.stage()
+    state_inode = state.stat().st_ino
+    monkeypatch.setattr(os, "fsync", failing(errno.EIO, os.fsync, lambda fd: os.fstat(fd).st_ino == state_inode))
+    assert store.recover() == [
+        f"removed {leftover.path}: a generation that was being built when fleetprov stopped",
+        f"could not sync {state}: Input/output error",
+    ]
 
 
 def test_recover_on_a_missing_state_directory_notes_nothing(tmp_path: Path) -> None:
@@ -488,6 +525,20 @@ def test_ensure_leaves_an_existing_directory_mode_alone(tmp_path: Path) -> None:
     assert mode(state / "generations") == 0o700
 
 
+def test_ensure_refuses_a_symlink_in_place_of_generations(tmp_path: Path) -> None:
+    """chmod by path would follow it and change the mode of whatever it points to."""
+    state, victim = tmp_path / "state", tmp_path / "victim"
+    state.mkdir(mode=0o700)
+    victim.mkdir(mode=0o755)
+    victim.chmod(0o755)
+    (state / "generations").symlink_to(victim)
+    with pytest.raises(StorageError) as raised:
+        Store(state).ensure()
+    assert raised.value.exit_code == EX_CANTCREAT
+    assert raised.value.message == (f"cannot set the mode of {state / 'generations'}: it is a symlink, not a directory")
+    assert mode(victim) == 0o755
+
+
 def test_ensure_on_a_file_names_the_path(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.write_bytes(b"not a directory")
@@ -503,6 +554,46 @@ def test_generations_ignores_names_that_are_not_numbers(store: Store, state: Pat
         (state / "generations" / junk).mkdir()
     assert store.generations() == [1]
     assert provision(store, 2).number == 2
+
+
+def test_generation_numbers_have_one_rule_for_reading_and_writing() -> None:
+    for number in (1, 9, 10, 4711, MAX_GENERATION):
+        assert generation_number(generation_name(number)) == number
+    for number in (0, -1, MAX_GENERATION + 1):
+        with pytest.raises(ValueError, match=f"not {number}$"):
+            generation_name(number)
+    for name in (str(MAX_GENERATION + 1), "0", "01", "+1", "1 ", "\u0661"):
+        assert generation_number(name) is None
+
+
+def test_a_commit_past_the_highest_generation_number_changes_nothing(store: Store, state: Path) -> None:
+    """Writing generations/<MAX_GENERATION + 1> would publish a generation that no reader accepts."""
+    first = provision(store, 1)
+    highest = state / "generations" / str(MAX_GENERATION)
+    highest.mkdir()
+    (state / "generations" / str(MAX_GENERATION + 1)).mkdir()  # out of range: not a generation, ignored
+    assert store.generations() == [1, MAX_GENERATION]
+    staging = store.stage()
+    fill(staging, make_manifest(thing_name="sensor-0002"), serial=2)
+
+    with pytest.raises(StorageError) as raised:
+        store.commit(staging)
+
+    assert raised.value.exit_code == EX_CANTCREAT
+    assert raised.value.message == (
+        f"cannot commit a new generation: {highest} has the highest number a generation can have; "
+        f"move the generations in {state / 'generations'} to lower numbers"
+    )
+    assert store.current() == first
+    assert listing(state) == ["current", "generations"]
+    assert listing(state / "generations") == sorted(["1", str(MAX_GENERATION), str(MAX_GENERATION + 1)])
+
+
+def test_loading_a_number_no_generation_can_have_is_corrupt_state(store: Store, state: Path) -> None:
+    provision(store, 1)
+    for number in (0, MAX_GENERATION + 1):
+        with pytest.raises(CorruptState, match=f"there is no generation {number} in"):
+            store.load(number)
 
 
 # --- corrupt state ----------------------------------------------------------------------------------------
@@ -607,6 +698,48 @@ def test_commit_failure_leaves_current_untouched(
     assert listing(state) == ["current", "generations"]  # no staging, no current.tmp-*, no removing-*
 
 
+def syncing_the_switch_to(state: Path, number: int) -> Callable[[int], bool]:
+    """True for an fsync of the state directory once `current` names generation ``number``."""
+    state_inode = state.stat().st_ino
+
+    def switched(fd: int) -> bool:
+        current = state / "current"
+        return (
+            os.fstat(fd).st_ino == state_inode
+            and current.is_symlink()
+            and os.readlink(current) == f"generations/{number}"
+        )
+
+    return switched
+
+
+def test_commit_syncs_both_directories_of_its_rename_before_the_switch(
+    store: Store, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """staging-* -> generations/<n> changes the state directory too: if it cannot be synced, `current` is never
+    switched, and the new generation is set aside whole (not deleted: that rename is not on disk either)."""
+    first = provision(store, 1)
+    staging = store.stage()
+    fill(staging, make_manifest(thing_name="sensor-0002"), serial=2)
+    state_inode = state.stat().st_ino
+    switches: list[str] = []
+    monkeypatch.setattr(os, "fsync", failing(errno.EIO, os.fsync, lambda fd: os.fstat(fd).st_ino == state_inode))
+    monkeypatch.setattr(os, "replace", lambda source, *args, **kwargs: switches.append(str(source)))
+
+    with pytest.raises(StorageError) as raised:
+        store.commit(staging)
+    monkeypatch.undo()
+
+    assert raised.value.message == f"cannot sync {state}: Input/output error"
+    assert switches == []
+    assert store.current() == first
+    assert store.generations() == [1]
+    [removing] = [path for path in state.iterdir() if path.name.startswith("removing-2-")]
+    assert "removed" in store.recover()[0]
+    assert listing(state) == ["current", "generations"]
+    assert not removing.exists()
+
+
 def test_commit_failing_after_the_switch_puts_current_back(
     store: Store, state: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -615,8 +748,7 @@ def test_commit_failing_after_the_switch_puts_current_back(
     first = provision(store, 1)
     staging = store.stage()
     fill(staging, make_manifest(thing_name="sensor-0002"), serial=2)
-    state_inode = state.stat().st_ino
-    monkeypatch.setattr(os, "fsync", failing(errno.EIO, os.fsync, lambda fd: os.fstat(fd).st_ino == state_inode))
+    monkeypatch.setattr(os, "fsync", failing(errno.EIO, os.fsync, syncing_the_switch_to(state, 2)))
 
     with pytest.raises(StorageError) as raised:
         store.commit(staging)
@@ -634,8 +766,7 @@ def test_first_commit_failing_after_the_switch_leaves_no_current(
 ) -> None:
     staging = store.stage()
     fill(staging, make_manifest(), serial=1)
-    state_inode = state.stat().st_ino
-    monkeypatch.setattr(os, "fsync", failing(errno.ENOSPC, os.fsync, lambda fd: os.fstat(fd).st_ino == state_inode))
+    monkeypatch.setattr(os, "fsync", failing(errno.ENOSPC, os.fsync, syncing_the_switch_to(state, 1)))
 
     with pytest.raises(StorageError) as raised:
         store.commit(staging)
@@ -717,6 +848,48 @@ def test_commit_refuses_a_key_file_next_to_a_pkcs11_reference(store: Store, stat
 
     assert raised.value.message == f"cannot commit {staging.path}: it holds private.key for a PKCS#11 key"
     assert listing(state) == ["generations"]
+
+
+def test_commit_refuses_a_symlink_in_place_of_a_staged_file(store: Store, state: Path, tmp_path: Path) -> None:
+    """Whoever can write the state directory swaps a staged file for a symlink to another file: commit does not
+    change that file's mode (chmod by path would), refuses, and leaves `current` alone."""
+    first = provision(store, 1)
+    victim = tmp_path / "shadow"
+    victim.write_bytes(b"root:secret\n")
+    victim.chmod(0o600)
+    staging = store.stage()
+    fill(staging, make_manifest(thing_name="sensor-0002"), serial=2)
+    (staging.path / "certificate.pem").unlink()
+    (staging.path / "certificate.pem").symlink_to(victim)
+
+    with pytest.raises(StorageError) as raised:
+        store.commit(staging)
+
+    assert raised.value.exit_code == EX_CANTCREAT
+    assert raised.value.message == (
+        f"cannot set the mode of {staging.path / 'certificate.pem'}: it is a symlink, not a regular file"
+    )
+    assert mode(victim) == 0o600
+    assert store.current() == first
+    assert listing(state) == ["current", "generations"]
+
+
+def test_commit_refuses_a_symlink_in_place_of_the_staging_directory(store: Store, state: Path, tmp_path: Path) -> None:
+    staging = store.stage()
+    fill(staging, make_manifest(), serial=1)
+    elsewhere = tmp_path / "elsewhere"
+    staging.path.rename(elsewhere)
+    elsewhere.chmod(0o755)
+    staging.path.symlink_to(elsewhere)
+    modes_before = {path.name: mode(path) for path in elsewhere.iterdir()}
+
+    with pytest.raises(StorageError) as raised:
+        store.commit(staging)
+
+    assert raised.value.message == f"cannot commit {staging.path}: it is a symlink or not a directory"
+    assert mode(elsewhere) == 0o755
+    assert {path.name: mode(path) for path in elsewhere.iterdir()} == modes_before
+    assert store.current() is None
 
 
 def test_discard_never_raises(store: Store) -> None:

@@ -4,10 +4,10 @@ child exits, no waiting on pipes a background process holds, output capped and s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -23,9 +23,9 @@ from fleetprov.children import (
     token_module_environment,
 )
 from fleetprov.config import Config, KeysConfig, ParametersConfig, ProvisioningConfig
+from fleetprov.facts import DeviceFacts, template_parameters
 from fleetprov.keys.pkcs11_settings import Pkcs11Settings
-
-GONE_WAIT = 10.0  # seconds for a killed process to disappear (bounded wait, no duration asserted)
+from tests.processes import gone
 
 PARENT = {
     "PATH": "/usr/bin:/bin",
@@ -100,6 +100,19 @@ def test_reprovision_gets_what_reading_the_configuration_again_takes() -> None:
     assert "TEST_PKCS11_PIN" not in with_credential
 
 
+def test_the_parameter_command_sees_the_allow_list_only() -> None:
+    script = "import json, os; print(json.dumps({'Environment': json.dumps(dict(os.environ))}))"
+    facts = DeviceFacts(serial=None, machine_id=None, mac=None, hostname="device")
+    parameters = template_parameters({}, {}, {}, [sys.executable, "-c", script], 10, environ=PARENT, facts=facts)
+    assert json.loads(parameters["Environment"]) == {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/var/lib/fleetprov",
+        "LANG": "C.UTF-8",
+        "LC_TIME": "en_GB.UTF-8",
+        "TZ": "UTC",
+    }
+
+
 # --- run_child with real processes ------------------------------------------------------------------------
 
 
@@ -107,25 +120,11 @@ def _sh(script: str) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
-def _gone(pid: int) -> bool:
-    """Whether ``pid`` has ended (a zombie waiting for init counts), waiting up to GONE_WAIT seconds."""
-    deadline = time.monotonic() + GONE_WAIT
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.fixture
 def pid_file(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "pid"
     yield path
-    if path.exists() and not _gone(int(path.read_text())):  # never leave a test's sleep behind
+    if path.exists() and not gone(int(path.read_text())):  # never leave a test's sleep behind
         os.kill(int(path.read_text()), signal.SIGKILL)
 
 
@@ -133,14 +132,14 @@ def test_a_background_process_does_not_hold_the_run_and_is_killed(pid_file: Path
     # The sleep inherits stdout and stderr: waiting for the pipes to close would wait 60 s.
     done = run_child(_sh(f"sleep 60 & echo $! > {pid_file}; echo started"), {}, timeout=60)
     assert (done.status, done.timed_out, done.stdout) == (0, False, b"started\n")
-    assert _gone(int(pid_file.read_text()))
+    assert gone(int(pid_file.read_text()))
 
 
 def test_at_the_deadline_the_whole_group_is_killed(pid_file: Path) -> None:
     done = run_child(_sh(f"sleep 60 & echo $! > {pid_file}; echo waiting; wait"), {}, timeout=0.5)
     assert (done.status, done.timed_out) == (-signal.SIGKILL, True)
     assert done.stdout == b"waiting\n"  # what it printed before is kept
-    assert _gone(int(pid_file.read_text()))
+    assert gone(int(pid_file.read_text()))
 
 
 def test_a_process_that_left_the_group_does_not_hold_the_run(pid_file: Path) -> None:

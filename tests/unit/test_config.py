@@ -627,6 +627,14 @@ def test_state_dir_in_the_file_wins_over_state_directory(tmp_path: Path) -> None
 # --- render_config -------------------------------------------------------------------------------
 
 
+def test_repr_leaves_out_the_password(tmp_path: Path) -> None:
+    """A Config in a traceback's locals, a debug line or an assertion message shows no proxy password."""
+    config = load(write(tmp_path, FULL_YAML))
+    assert config.proxy is not None and config.proxy.password == "hunter2"
+    assert "hunter2" not in repr(config)
+    assert "username='device'" in repr(config.proxy)
+
+
 def test_render_redacts_the_password_and_keeps_the_layout(tmp_path: Path) -> None:
     config = load(write(tmp_path, FULL_YAML))
     text = render_config(config)

@@ -4,9 +4,10 @@ Root working by path in a directory another user can write loses: between mkdir/
 by name, that user puts a symlink (or a hard link) in place of the entry, and root changes the owner or mode
 of, or writes, whatever it points at (/etc/shadow). Here nothing is looked up by path more than once:
 
-- open_directory walks a path one component at a time (openat with O_NOFOLLOW) and follows a symlink only
-  in a directory that nobody but root and us can write, where no other user can have placed it; a
-  directory it makes is 0700 and given to the owner of the directory it is made in (when we are root).
+- open_directory walks a path one component at a time (openat with O_NOFOLLOW; O_PATH on the way, so search
+  permission is enough, as for a path lookup) and follows a symlink only in a directory that nobody but root
+  and us can write, where no other user can have placed it; a directory it makes is 0700 and given to the
+  owner of the directory it is made in (when we are root).
 - make_directory and create_file make new entries (mkdir, O_CREAT|O_EXCL|O_NOFOLLOW: a planted name fails,
   it is never followed or reused) and set the mode and owner on the descriptor (fchmod, fchown), never by name:
   a hard link put in place of the name later is not touched.
@@ -29,6 +30,9 @@ from typing import Optional
 from fleetprov.crashpoints import crash_mid_write, crash_point
 
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# On the way: O_PATH needs no read permission, only search (x) as a path lookup does: a 0711 directory on the
+# way (a home directory) does not stop the service user.
+_WAY_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_DETOURS = 40  # symlinks followed and creation races lost along one path (Linux follows 40 symlinks)
 
 Owner = Optional[tuple[int, int]]  # (uid, gid) to give new entries, None: leave them ours
@@ -50,13 +54,13 @@ def open_directory(path: Path, *, create: bool = False) -> int:
     user could have placed (ELOOP, the message names it)."""
     walked = Path("/")
     parts = list((Path.cwd() / path).parts[1:])  # no resolve(): it would follow every symlink
-    fd = os.open("/", DIRECTORY_FLAGS)
+    fd = os.open("/", _WAY_FLAGS)
     detours = 0  # symlinks followed and creation races lost: bounded, so a busy attacker cannot keep us here
     try:
         while parts:
             name = parts.pop(0)
             try:
-                child = os.open(name, DIRECTORY_FLAGS, dir_fd=fd)
+                child = os.open(name, _WAY_FLAGS, dir_fd=fd)
             except FileNotFoundError:
                 if not create:
                     raise
@@ -71,7 +75,7 @@ def open_directory(path: Path, *, create: bool = False) -> int:
                 target = _followable_link(fd, name, walked / name, exc)
                 parts[:0] = [part for part in Path(target).parts if part != "/"]
                 if target.startswith("/"):
-                    root = os.open("/", DIRECTORY_FLAGS)
+                    root = os.open("/", _WAY_FLAGS)
                     os.close(fd)
                     fd, walked = root, Path("/")
                 child = -1
@@ -82,10 +86,9 @@ def open_directory(path: Path, *, create: bool = False) -> int:
                 continue
             os.close(fd)
             fd, walked = child, walked / name
-        return fd
-    except BaseException:
+        return os.open(".", DIRECTORY_FLAGS, dir_fd=fd)  # readable: to list, lock and fsync
+    finally:
         os.close(fd)
-        raise
 
 
 def _followable_link(directory_fd: int, name: str, where: Path, not_opened: OSError) -> str:
@@ -108,7 +111,8 @@ def _followable_link(directory_fd: int, name: str, where: Path, not_opened: OSEr
 
 
 def make_directory(parent_fd: int, name: str, mode: int, owner: Owner) -> int:
-    """Make the directory ``name`` in ``parent_fd`` with exactly ``mode`` and ``owner``; its descriptor.
+    """Make the directory ``name`` in ``parent_fd`` (which may be O_PATH) with exactly ``mode`` and ``owner``;
+    its descriptor.
 
     fsync'd, and its parent too. FileExistsError if the name is taken (nothing planted there is used); OSError
     if the new directory was replaced before it could be opened (ENOTDIR for a symlink, EBUSY for a directory).
@@ -119,11 +123,20 @@ def make_directory(parent_fd: int, name: str, mode: int, owner: Owner) -> int:
         if os.fstat(fd).st_uid != os.geteuid():  # a directory of the other user's, renamed in its place
             raise OSError(errno.EBUSY, f"{name} was replaced while it was made")
         settle(fd, mode, owner)
-        os.fsync(parent_fd)
+        _fsync_directory(parent_fd)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _fsync_directory(directory_fd: int) -> None:
+    """fsync the directory, also when ``directory_fd`` is an O_PATH descriptor (which fsync(2) refuses)."""
+    fd = os.open(".", DIRECTORY_FLAGS, dir_fd=directory_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def create_file(directory_fd: int, name: str, data: bytes, mode: int, owner: Owner) -> None:

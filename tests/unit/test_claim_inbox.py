@@ -8,7 +8,9 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -273,6 +275,35 @@ def test_root_follows_no_symlink_the_service_user_placed(tmp_path: Path) -> None
     with pytest.raises(StorageError, match=re.escape(refusal)):
         Claim(tmp_path / "app").install(inbox)
     assert list(root_only.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming the service user needs root (CI runs as root)")
+def test_the_service_user_reads_and_discards_through_directories_it_may_only_search(tmp_path: Path) -> None:
+    """The daemon, as the service user, uses what root installed, on a path through a directory it may search
+    but not list (0711, like a home directory)."""
+    home = Path(tempfile.mkdtemp(prefix="fleetprov-home-", dir="/tmp"))  # tmp_path is root's alone (0700)
+    try:
+        home.chmod(0o711)
+        inbox = home / "state" / "inbox"
+        inbox.parent.mkdir(mode=0o700)
+        os.chown(inbox.parent, 65534, 65534)
+        installed = Claim(tmp_path / "app").install(inbox)
+        pid = os.fork()
+        if pid == 0:  # the service user: never back into pytest
+            status = 1
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                if pending_claim(inbox, now=NOW) == installed:
+                    discard_claim(inbox, installed)
+                    status = 0 if pending_claim(inbox, now=NOW) is None and not os.listdir(inbox) else 2
+            finally:
+                os._exit(status)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert list(inbox.iterdir()) == []
+    finally:
+        shutil.rmtree(home)
 
 
 def test_a_certificate_file_with_a_chain_and_text_around_it(tmp_path: Path, inbox: Path) -> None:

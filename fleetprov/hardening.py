@@ -6,8 +6,11 @@ ptrace it; only root (CAP_SYS_PTRACE) can. No core file (RLIMIT_CORE 0, the hard
 inherit it): a crash never writes the PIN, the proxy password or a key to disk.
 
 The kernel makes each new program dumpable again at execve, so every entry point calls harden_process itself
-before it reads anything secret: fleetprov.cli.main (the ``fleetprov`` command, ``python -m fleetprov`` and
-the daemon's ``fleetprov reprovision`` child) and the PKCS#11 key process (fleetprov.keys.token_process).
+before it reads anything secret: fleetprov.cli.main (the ``fleetprov`` command), fleetprov/__main__.py
+(``python -m fleetprov``, as the daemon starts ``fleetprov reprovision``: before it imports the rest) and the
+PKCS#11 key process (fleetprov.keys.token_process, before it reads the PIN from its stdin). What is left: from
+execve to that call, the interpreter's start-up, a process of the same user could read the new process's
+/proc/<pid>/environ; that is where ``fleetprov reprovision`` has the PIN's variable (keys.pkcs11.pin_env).
 """
 
 from __future__ import annotations

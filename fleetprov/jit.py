@@ -41,8 +41,9 @@ from fleetprov.claim import (
     step,
 )
 from fleetprov.config import Config, JitConfig
-from fleetprov.errors import ConfigError, FleetprovError
+from fleetprov.errors import ConfigError, FleetprovError, printable
 from fleetprov.hooks import run_hooks
+from fleetprov.provisioning import THING_NAME
 from fleetprov.session import Identity, open_session
 from fleetprov.store import KEY_FILE_REFERENCE, Generation, Manifest, Staging, Store, iso_utc
 
@@ -115,9 +116,10 @@ def _check_key(jit: JitConfig, certificate: x509.Certificate) -> Optional[bytes]
 
 
 def thing_name_of(certificate: x509.Certificate, jit: JitConfig, certificate_id: str) -> str:
-    """The thing the CA's template names: jit.thing_name, or a field of the certificate."""
+    """The thing the CA's template names: jit.thing_name, or a field of the certificate; checked, because it is
+    logged, stored, used as the client id and handed to hooks."""
     if jit.thing_name is not None:
-        return jit.thing_name
+        return _checked_thing_name(jit.thing_name, "jit.thing_name")
     if jit.thing_name_from == "certificate-id":
         return certificate_id
     oid = NameOID.COMMON_NAME if jit.thing_name_from == "common-name" else NameOID.SERIAL_NUMBER
@@ -125,10 +127,20 @@ def thing_name_of(certificate: x509.Certificate, jit: JitConfig, certificate_id:
     if not values or not str(values[0].value):
         raise ConfigError(
             f"jit.thing_name_from is {jit.thing_name_from}, but the subject of {jit.certificate} "
-            f"({certificate.subject.rfc4514_string()}) has no {oid._name}",
+            f"({printable(certificate.subject.rfc4514_string())}) has no {oid._name}",
             step="jit",
         )
-    return str(values[0].value)
+    return _checked_thing_name(str(values[0].value), f"the {oid._name} of {jit.certificate}")
+
+
+def _checked_thing_name(name: str, source: str) -> str:
+    if not THING_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{source} ({printable(name, 40)}) is not a valid thing name: AWS IoT thing names are 1 to 128 of "
+            "a-z, A-Z, 0-9, ':', '_' and '-'",
+            step="jit",
+        )
+    return name
 
 
 def check_material(jit: JitConfig, now: dt.datetime) -> JitMaterial:

@@ -2,7 +2,8 @@
 
 This is the only module that imports ``awsiot.iotidentity``. Rejections become ``ServiceRejected`` carrying
 the step and AWS's statusCode, errorCode and errorMessage; 429 and 5xx rejections are transient, the rest
-are final (exit 77). A reply that lacks what the API documents is ``BadServiceData`` (exit 65).
+are final (exit 77). A reply that lacks what the API documents, or holds more than it could, is
+``BadServiceData`` (exit 65): every field is checked here, before anything logs or stores it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import concurrent.futures
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from awscrt import mqtt_request_response
@@ -22,7 +23,17 @@ from fleetprov.session import ProtocolClient
 
 CREATE_CERTIFICATE = "create-certificate"
 REGISTER_THING = "register-thing"
+MAX_THING_NAME = 128
 THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")  # AWS IoT's ThingName pattern
+CERTIFICATE_ID_LENGTH = 64
+CERTIFICATE_ID = re.compile(r"[0-9a-fA-F]{64}")  # AWS IoT's certificate ids: the SHA-256 of the DER, in hex
+
+# Caps on reply fields, in characters: far above anything AWS IoT sends, far below its 128 KB messages, so that
+# a hostile or broken service cannot make the device journal, store or parse megabytes.
+MAX_CERTIFICATE_PEM = 65536  # AWS IoT's CertificatePem: at most 65536 characters
+MAX_PRIVATE_KEY_PEM = 16384  # AWS sends RSA-2048 keys (about 1.7 KB); an RSA-8192 key's PEM is under 7 KB
+MAX_OWNERSHIP_TOKEN = 16384  # AWS's tokens are a few hundred characters
+MAX_DEVICE_CONFIGURATION = 65536  # keys and values together; a whole provisioning template is at most 10 KB
 
 
 class ServiceRejected(FleetprovError):
@@ -71,21 +82,14 @@ class ProvisioningClient:
     async def create_certificate_from_csr(self, csr_pem: str) -> IssuedCertificate:
         request = iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem)
         reply = await self._call(self._client.create_certificate_from_csr(request), CREATE_CERTIFICATE)
-        return IssuedCertificate(
-            certificate_id=_text(reply.certificate_id, "certificateId", CREATE_CERTIFICATE),
-            certificate_pem=_text(reply.certificate_pem, "certificatePem", CREATE_CERTIFICATE),
-            ownership_token=_text(reply.certificate_ownership_token, "certificateOwnershipToken", CREATE_CERTIFICATE),
-        )
+        return _issued(reply)
 
     async def create_keys_and_certificate(self) -> IssuedCertificate:
         request = iotidentity.CreateKeysAndCertificateRequest()
         reply = await self._call(self._client.create_keys_and_certificate(request), CREATE_CERTIFICATE)
-        return IssuedCertificate(
-            certificate_id=_text(reply.certificate_id, "certificateId", CREATE_CERTIFICATE),
-            certificate_pem=_text(reply.certificate_pem, "certificatePem", CREATE_CERTIFICATE),
-            ownership_token=_text(reply.certificate_ownership_token, "certificateOwnershipToken", CREATE_CERTIFICATE),
-            private_key_pem=_text(reply.private_key, "privateKey", CREATE_CERTIFICATE),
-        )
+        issued = _issued(reply)
+        private_key_pem = _text(reply.private_key, "privateKey", CREATE_CERTIFICATE, MAX_PRIVATE_KEY_PEM)
+        return replace(issued, private_key_pem=private_key_pem)
 
     async def register_thing(self, template: str, ownership_token: str, parameters: Mapping[str, str]) -> Registration:
         request = iotidentity.RegisterThingRequest(
@@ -97,7 +101,13 @@ class ProvisioningClient:
             isinstance(key, str) and isinstance(value, str) for key, value in configuration.items()
         ):
             raise BadServiceData("deviceConfiguration is not an object of strings", step=REGISTER_THING)
-        thing_name = _text(reply.thing_name, "thingName", REGISTER_THING)
+        size = sum(len(key) + len(value) for key, value in configuration.items())
+        if size > MAX_DEVICE_CONFIGURATION:
+            raise BadServiceData(
+                f"deviceConfiguration holds {size} characters; at most {MAX_DEVICE_CONFIGURATION} are accepted",
+                step=REGISTER_THING,
+            )
+        thing_name = _text(reply.thing_name, "thingName", REGISTER_THING, MAX_THING_NAME)
         if not THING_NAME.fullmatch(thing_name):
             raise BadServiceData(
                 f"the thingName in the reply is not a valid thing name ({printable(thing_name, 40)}): AWS IoT "
@@ -132,7 +142,29 @@ def _unmodeled(step: str, inner: Optional[BaseException]) -> FleetprovError:
     return BadServiceData(f"unusable reply: {name}: {printable(str(inner))}", step=step)
 
 
-def _text(value: object, field_name: str, step: str) -> str:
+def _issued(reply: Any) -> IssuedCertificate:
+    """The fields both create-certificate replies share, checked (the certificate itself: certcheck)."""
+    certificate_id = _text(reply.certificate_id, "certificateId", CREATE_CERTIFICATE, CERTIFICATE_ID_LENGTH)
+    if not CERTIFICATE_ID.fullmatch(certificate_id):
+        raise BadServiceData(
+            f"the certificateId in the reply is not a certificate id (64 hex digits): {printable(certificate_id, 70)}",
+            step=CREATE_CERTIFICATE,
+        )
+    return IssuedCertificate(
+        certificate_id=certificate_id.lower(),
+        certificate_pem=_text(reply.certificate_pem, "certificatePem", CREATE_CERTIFICATE, MAX_CERTIFICATE_PEM),
+        ownership_token=_text(
+            reply.certificate_ownership_token, "certificateOwnershipToken", CREATE_CERTIFICATE, MAX_OWNERSHIP_TOKEN
+        ),
+    )
+
+
+def _text(value: object, field_name: str, step: str, limit: int) -> str:
+    """A non-empty string of at most ``limit`` characters; never quoted (a token or a key is a secret)."""
     if not isinstance(value, str) or not value:
         raise BadServiceData(f"the reply has no {field_name}", step=step)
+    if len(value) > limit:
+        raise BadServiceData(
+            f"the {field_name} in the reply is {len(value)} characters long; at most {limit} are accepted", step=step
+        )
     return value

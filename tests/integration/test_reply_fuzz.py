@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from fleetprov.provisioning import MAX_DEVICE_CONFIGURATION, MAX_OWNERSHIP_TOKEN
 from tests.support import Emulator, device_config, fleetprov, start_emulator
 
 CSR = "CreateCertificateFromCsr"
@@ -206,16 +207,18 @@ def _create_cases(operation: str) -> list[Any]:
         bad_data("certificateId", "", issue, "the reply has no certificateId"),
         bad_data("certificateId", ["a"], issue, "the reply has no certificateId"),
         bad_data("certificateId", "0" * 64, check_, "the service said certificate 0000000000000000..."),
-        bad_data("certificateId", HUGE, check_, "the service said certificate"),
-        bad_data("certificateId", "\ud800", check_, "the service said certificate"),
-        bad_data("certificateId", "ab\ncd\x1b[31m", check_, "the service said certificate ab\\ncd\\x1b[31m"),
+        bad_data("certificateId", HUGE, issue, "certificateId in the reply is 1000000 characters long; at most 64"),
+        bad_data("certificateId", "\ud800", issue, "not a certificate id (64 hex digits): \\ud800"),
+        bad_data("certificateId", "ab\ncd\x1b[31m", issue, "not a certificate id (64 hex digits): ab\\ncd\\x1b[31m"),
         # certificatePem
         bad_data("certificatePem", {"pem": "x"}, issue, "the reply has no certificatePem"),
         bad_data("certificatePem", None, issue, "the reply has no certificatePem"),
         bad_data("certificatePem", "", issue, "the reply has no certificatePem"),
         bad_data("certificatePem", BAD_PEM, check_, "not a PEM X.509 certificate"),
         bad_data("certificatePem", TRUNCATED_CERT, check_, "not a PEM X.509 certificate"),
-        bad_data("certificatePem", HUGE, check_, "not a PEM X.509 certificate"),
+        bad_data(
+            "certificatePem", HUGE, issue, "certificatePem in the reply is 1000000 characters long; at most 65536"
+        ),
         bad_data("certificatePem", "\ud800", check_, "not a PEM X.509 certificate"),
         bad_data("certificatePem", STRANGER_CERT, check_, "not for this device's key"),
         # certificateOwnershipToken
@@ -226,7 +229,7 @@ def _create_cases(operation: str) -> list[Any]:
         case(operation, {"certificateOwnershipToken": "tok\ud800en"}, 77, "register-thing", "400 InvalidPayload"),
         # A token the service then does not know: refused at RegisterThing, three fresh starts, then 77.
         case(operation, {"certificateOwnershipToken": "forged"}, 77, "register-thing", "refused 3 ownership tokens"),
-        case(operation, {"certificateOwnershipToken": HUGE}, 77, "register-thing", "400 InvalidPayload"),
+        bad_data("certificateOwnershipToken", HUGE, issue, "certificateOwnershipToken in the reply is 1000000"),
         # the whole payload
         bad_data(RAW, b"\xff\xfe{", issue, "unusable reply: UnicodeDecodeError"),
         bad_data(RAW, b"<html>busy</html>", issue, "unusable reply: JSONDecodeError"),
@@ -247,7 +250,7 @@ HOSTILE_REPLIES = [
     case(KEYS, {"privateKey": None}, 65, "create-certificate", "the reply has no privateKey"),
     case(KEYS, {"privateKey": ""}, 65, "create-certificate", "the reply has no privateKey"),
     case(KEYS, {"privateKey": BAD_PEM}, 65, "check-certificate", "not a PEM private key"),
-    case(KEYS, {"privateKey": HUGE}, 65, "check-certificate", "not a PEM private key"),
+    case(KEYS, {"privateKey": HUGE}, 65, "create-certificate", "privateKey in the reply is 1000000 characters long"),
     case(KEYS, {"privateKey": "\ud800"}, 65, "check-certificate", "not a PEM private key"),
     case(KEYS, {"privateKey": ED25519_KEY}, 65, "check-certificate", "neither RSA nor EC"),
     case(KEYS, {"privateKey": STRANGER_KEY}, 65, "check-certificate", "not for this device's key"),
@@ -258,6 +261,17 @@ HOSTILE_REPLIES = [
         75,
         "verify",
     ),
+    # The certificate alone is stored, re-encoded: a certificatePem with anything else is refused, nothing kept.
+    *[
+        case(KEYS, {"certificatePem": pem, "privateKey": STRANGER_KEY, "certificateId": STRANGER_ID}, 65, step, says)
+        for pem, step, says in (
+            (STRANGER_CERT + STRANGER_KEY, "check-certificate", "holds 2 PEM blocks: AWS IoT sends exactly one"),
+            (STRANGER_CERT + STRANGER_CERT, "check-certificate", "holds 2 PEM blocks"),
+            ("commit: ok\n" + STRANGER_CERT, "check-certificate", "(one CERTIFICATE block, nothing around it)"),
+            (STRANGER_CERT + "trailing text\n", "check-certificate", "(one CERTIFICATE block, nothing around it)"),
+            (STRANGER_CERT + HUGE, "create-certificate", "certificatePem in the reply is 1000"),
+        )
+    ],
     # thingName
     case(REGISTER, {"thingName": 12}, 65, "register-thing", "the reply has no thingName"),
     case(REGISTER, {"thingName": None}, 65, "register-thing", "the reply has no thingName"),
@@ -266,7 +280,7 @@ HOSTILE_REPLIES = [
     case(REGISTER, {"thingName": "has space/../x"}, 65, "register-thing", "not a valid thing name"),
     case(REGISTER, {"thingName": "bad\nname"}, 65, "register-thing", "not a valid thing name"),
     case(REGISTER, {"thingName": "x\ud800"}, 65, "register-thing", "not a valid thing name"),
-    case(REGISTER, {"thingName": HUGE}, 65, "register-thing", "not a valid thing name"),
+    case(REGISTER, {"thingName": HUGE}, 65, "register-thing", "thingName in the reply is 1000000 characters long"),
     # A well-formed name of another thing: the device cannot know, the verify connection is refused.
     case(REGISTER, {"thingName": "someone-else"}, 77, "verify", "refused the connection as 'someone-else'"),
     # deviceConfiguration
@@ -283,7 +297,8 @@ HOSTILE_REPLIES = [
     case(REGISTER, {"deviceConfiguration": None}, 0),
     case(REGISTER, {"deviceConfiguration": {}}, 0),
     case(REGISTER, {"deviceConfiguration": {"mode": "test", "ünïcode": "✓ \n\t"}}, 0),
-    case(REGISTER, {"deviceConfiguration": {"big": HUGE}}, 0),
+    case(REGISTER, {"deviceConfiguration": {"big": HUGE}}, 65, "register-thing", "holds 1000003 characters; at most"),
+    case(REGISTER, {"deviceConfiguration": {"big": "B" * 65533}}, 0),  # 65536 with its key: the cap
     case(REGISTER, {"surprise": 1}, 0),
     # the whole payload
     case(REGISTER, {RAW: b"\xc3\x28"}, 65, "register-thing", "unusable reply: UnicodeDecodeError"),
@@ -301,6 +316,17 @@ def test_hostile_reply(
     check(run, expected, step=step, says=says)
     if expected == 0 and "deviceConfiguration" in override:
         assert stored_configuration(run) == (override["deviceConfiguration"] or {})
+
+
+@pytest.mark.parametrize("operation", [CSR, KEYS])
+def test_a_forged_certificate_id_reaches_the_log_escaped(fuzz: Fuzz, operation: str) -> None:
+    """Server strings are logged only once checked, escaped and shortened: no forged log line, no terminal escape."""
+    forged = "0\n2026-01-01 00:00:00 INFO fleetprov.claim: commit: ok\x1b[2J"  # under 64 characters
+    run = fuzz.run(operation, {"certificateId": forged})
+    check(run, 65, step="create-certificate", says="not a certificate id (64 hex digits)")
+    output = run.result.stdout + run.result.stderr
+    assert "\x1b" not in output
+    assert not [line for line in output.splitlines() if "commit: ok" in line and "not a certificate id" not in line]
 
 
 # --- hypothesis: variety ----------------------------------------------------------------------------
@@ -323,7 +349,11 @@ def expected_exit(operation: str, override: Mapping[str, Any]) -> int:
         name, configuration = fields["thingName"], fields["deviceConfiguration"]
         unusable_configuration = configuration is not UNCHANGED and not (
             configuration is None
-            or (isinstance(configuration, dict) and all(isinstance(value, str) for value in configuration.values()))
+            or (
+                isinstance(configuration, dict)
+                and all(isinstance(value, str) for value in configuration.values())
+                and sum(map(len, [*configuration, *configuration.values()])) <= MAX_DEVICE_CONFIGURATION
+            )
         )
         if unusable_configuration or not (name is UNCHANGED or (isinstance(name, str) and THING_NAME.fullmatch(name))):
             return 65
@@ -334,7 +364,7 @@ def expected_exit(operation: str, override: Mapping[str, Any]) -> int:
         return 65  # any change to the certificate, its id or the key is caught before RegisterThing
     if token is UNCHANGED:
         return 0
-    return 77 if isinstance(token, str) and token else 65
+    return 77 if isinstance(token, str) and 0 < len(token) <= MAX_OWNERSHIP_TOKEN else 65
 
 
 json_values = st.recursive(

@@ -98,6 +98,15 @@ def test_a_missing_subject_field_for_the_thing_name_is_named(tmp_path: Path) -> 
         check_material(jit, _now())
 
 
+def test_a_thing_name_that_aws_would_refuse_is_refused_escaped(tmp_path: Path) -> None:
+    """The thing name is logged, stored, the client id and in hooks' environment: it is checked first."""
+    jit = _device(tmp_path, _ca(tmp_path), factory.Subject(common_name="lamp 7/../x"))
+    with pytest.raises(ConfigError, match=r"the commonName of .*device\.crt \(lamp 7/\.\./x\) is not a valid thing"):
+        check_material(jit, _now())
+    with pytest.raises(ConfigError, match=r"jit\.thing_name \(bad\\nname\\x1b\[2J\) is not a valid thing name"):
+        check_material(replace(jit, thing_name="bad\nname\x1b[2J"), _now())
+
+
 def test_a_certificate_from_another_ca_is_not_a_chain(tmp_path: Path) -> None:
     jit = _device(tmp_path, _ca(tmp_path))
     other, _ = _ca(tmp_path, "someone else")

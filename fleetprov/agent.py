@@ -21,11 +21,14 @@ from fleetprov.config import Config
 from fleetprov.errors import FleetprovError, Refused, UsageError
 from fleetprov.jit import enrol
 from fleetprov.journal import Journal, load_journal
+from fleetprov.keys.pkcs11_uri import URI_SCHEME
+from fleetprov.keys.token_process import delete_in_child
 from fleetprov.store import Generation, Store, iso_utc
 
 log = logging.getLogger(__name__)
 
 LAST_RUN = "last-run.json"
+PRUNED_KEYS = "pruned-keys.json"  # the token keys of removed generations: deleted, or not (and why)
 KEEP_GENERATIONS = 2  # current and the one before it
 
 
@@ -58,7 +61,7 @@ async def once(
         if config.jit is not None:
             return Outcome(await enrol(config, store, environ, report), provisioned=True)
         result = await _provision(config, store, environ, journal)
-        prune_old(store)
+        prune_old(config, store, environ)
     _remove_claim_key(config)
     return Outcome(result.generation, provisioned=True, abandoned=result.abandoned)
 
@@ -125,8 +128,9 @@ async def reprovision(config: Config, environ: Optional[Mapping[str, str]] = Non
                 current.manifest.thing_name,
                 current.manifest.certificate_id,
             )
-        result = await _provision(config, store, os.environ if environ is None else environ, journal)
-        prune_old(store)
+        environ = os.environ if environ is None else environ
+        result = await _provision(config, store, environ, journal)
+        prune_old(config, store, environ)
     _remove_claim_key(config)
     return Outcome(result.generation, provisioned=True, abandoned=result.abandoned)
 
@@ -166,8 +170,10 @@ def rollback(config: Config) -> tuple[Generation, Generation]:
     return current, previous
 
 
-def prune_old(store: Store) -> list[int]:
-    """Keep the current generation and the one before it (for `fleetprov rollback`); best effort."""
+def prune_old(config: Config, store: Store, environ: Mapping[str, str]) -> list[int]:
+    """Keep the current generation and the one before it (for `fleetprov rollback`); best effort. The token
+    keys of the generations removed go too (PRUNED_KEYS says which went and which could not)."""
+    before = _token_keys_of(store, store.generations())
     try:
         pruned = store.prune(keep=KEEP_GENERATIONS)
     except FleetprovError as exc:
@@ -175,7 +181,68 @@ def prune_old(store: Store) -> list[int]:
         return []
     if pruned:
         log.info("removed old generations %s", ", ".join(map(str, pruned)))
+    # A key that a kept generation (or the claim) still uses stays: generations provisioned before each got a
+    # key of its own share one.
+    still_used = {*_token_keys_of(store, store.generations()).values()}
+    if config.claim is not None and config.claim.private_key_uri is not None:
+        still_used.add(str(config.claim.private_key_uri))
+    doomed = {before[number] for number in pruned if number in before} - still_used
+    left_over = {str(entry["key"]) for entry in _not_deleted(store.state_dir)} - still_used
+    if doomed or left_over:
+        _delete_token_keys(config, store.state_dir, sorted(doomed | left_over), environ)
     return pruned
+
+
+def _token_keys_of(store: Store, numbers: list[int]) -> dict[int, str]:
+    """The token key each of these generations uses (those whose manifest can be read)."""
+    keys = {}
+    for number in numbers:
+        with contextlib.suppress(FleetprovError):
+            reference = store.load(number).manifest.key_reference
+            if reference.startswith(URI_SCHEME):
+                keys[number] = reference
+    return keys
+
+
+def _delete_token_keys(config: Config, state_dir: Path, references: list[str], environ: Mapping[str, str]) -> None:
+    """Delete ``references`` from the token (by the key process: awscrt may have loaded the module here), and
+    say in PRUNED_KEYS which went and which could not (those are tried again at the next prune)."""
+    settings = config.keys.pkcs11
+    outcome: dict[str, Optional[str]]
+    if settings is None:
+        outcome = dict.fromkeys(references, "keys.pkcs11 is not configured")
+    else:
+        try:
+            outcome = delete_in_child(settings, references, environ)
+        except FleetprovError as exc:
+            outcome = dict.fromkeys(references, exc.message)
+    deleted = [reference for reference, why in outcome.items() if why is None]
+    failed = [{"key": reference, "error": why} for reference, why in outcome.items() if why is not None]
+    if deleted:
+        log.info("deleted the token keys of removed generations: %s", ", ".join(deleted))
+    for entry in failed:
+        log.warning("could not delete the token key %s of a removed generation: %s", entry["key"], entry["error"])
+    document = {"updated_at": iso_utc(dt.datetime.now(dt.timezone.utc)), "deleted": deleted, "not_deleted": failed}
+    try:
+        write_atomic(state_dir / PRUNED_KEYS, json.dumps(document, indent=2).encode(), mode=0o600)
+    except (FleetprovError, OSError) as exc:  # a status file must never stop the real work
+        log.warning("cannot write %s: %s", state_dir / PRUNED_KEYS, exc)
+
+
+def read_token_keys(state_dir: Path) -> Optional[dict[str, object]]:
+    """The token keys of removed generations: the last ones deleted and those that could not be, for `status`."""
+    try:
+        document = json.loads((state_dir / PRUNED_KEYS).read_text())
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _not_deleted(state_dir: Path) -> list[dict[str, object]]:
+    entries = (read_token_keys(state_dir) or {}).get("not_deleted")
+    if not isinstance(entries, list):
+        return []
+    return [entry for entry in entries if isinstance(entry, dict) and "key" in entry]
 
 
 def _remove_claim_key(config: Config) -> None:

@@ -23,7 +23,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -31,9 +31,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fleetprov.certcheck import check_certificate
-from fleetprov.config import Config
+from fleetprov.config import DEFAULT_PKCS11_KEY_LABEL, Config
 from fleetprov.crashpoints import crash_point
-from fleetprov.errors import EX_TEMPFAIL, BadServiceData, ConfigError, FleetprovError, Refused
+from fleetprov.errors import EX_TEMPFAIL, BadServiceData, ConfigError, FleetprovError, Refused, printable
 from fleetprov.facts import default_claim_client_id, read_facts, template_parameters
 from fleetprov.hooks import run_hooks
 from fleetprov.journal import TOKEN_LIFETIME, Journal, clear_journal, save_journal
@@ -41,6 +41,7 @@ from fleetprov.keys import PreparedKey, prepared
 from fleetprov.keys.file import FileKeyBackend, public_key_der
 from fleetprov.keys.pkcs11_settings import Pkcs11Settings, read_pin
 from fleetprov.keys.pkcs11_uri import Pkcs11Uri, parse_pkcs11_uri
+from fleetprov.keys.token_process import prepare_in_child
 from fleetprov.provisioning import ProvisioningClient, ServiceRejected
 from fleetprov.retry import retrying
 from fleetprov.session import Endpoint, Identity, Session, TokenKey, connect, open_session
@@ -260,14 +261,24 @@ def _generation_of(store: Store, certificate_id: Optional[str]) -> Optional[Gene
 # -- the network steps --------------------------------------------------------------------------------
 
 
-def _public_key_of_pem(private_key_pem: str) -> bytes:
+@dataclass(frozen=True)
+class _IssuedKey:
+    """CreateKeysAndCertificate's privateKey, parsed: its public key, and the key re-encoded (PKCS#8 PEM, nothing
+    else) for the staging directory."""
+
+    public_key_der: bytes
+    private_key_pem: bytes = field(repr=False)
+
+
+def _issued_key(private_key_pem: str) -> _IssuedKey:
     try:
         key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
         raise BadServiceData("the privateKey in the reply is not a PEM private key", step="check-certificate") from exc
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
         raise BadServiceData("the privateKey in the reply is neither RSA nor EC", step="check-certificate")
-    return public_key_der(key.public_key())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return _IssuedKey(public_key_der(key.public_key()), pem)
 
 
 async def _issue(journal: Journal, staging: Staging, client: ProvisioningClient, key: Optional[PreparedKey]) -> Journal:
@@ -279,23 +290,26 @@ async def _issue(journal: Journal, staging: Staging, client: ProvisioningClient,
             issued = await client.create_keys_and_certificate()
     issued_at = time.time()
     crash_point("after-issue-reply")
-    log.info(
-        "certificate %s issued (ownership token %s...)",
-        issued.certificate_id,
-        token_fingerprint(issued.ownership_token),
-    )
     with step("check-certificate"):
         if key is not None:
-            expected, key_reference = key.public_key_der, key.key_reference
+            key_reference = key.key_reference
+            checked = check_certificate(issued.certificate_pem, key.public_key_der, expected_id=issued.certificate_id)
         else:
-            expected, key_reference = _public_key_of_pem(issued.private_key_pem or ""), KEY_FILE_REFERENCE
-        checked = check_certificate(issued.certificate_pem, expected, expected_id=issued.certificate_id)
-        if issued.private_key_pem is not None:
-            staging.write_private_key(issued.private_key_pem.encode())
+            issued_key = _issued_key(issued.private_key_pem or "")
+            checked = check_certificate(
+                issued.certificate_pem, issued_key.public_key_der, expected_id=issued.certificate_id
+            )
+            key_reference = KEY_FILE_REFERENCE
+            staging.write_private_key(issued_key.private_key_pem)
+    log.info(
+        "certificate %s issued (ownership token %s...)",
+        checked.certificate_id,
+        token_fingerprint(issued.ownership_token),
+    )
     return journal.at(
         "issued",
         certificate_id=checked.certificate_id,
-        certificate_pem=issued.certificate_pem,
+        certificate_pem=checked.certificate_pem,
         ownership_token=issued.ownership_token,
         token_deadline=issued_at + TOKEN_LIFETIME,
         not_after=iso_utc(checked.not_after),
@@ -313,7 +327,9 @@ async def _register(
             )
         except ServiceRejected as exc:
             if exc.error_code == "InvalidCertificateOwnershipToken":
-                raise TokenAbandoned(f"the service refused the ownership token: {exc.error_message}") from exc
+                raise TokenAbandoned(
+                    f"the service refused the ownership token: {printable(exc.error_message, 400)}"
+                ) from exc
             raise
     crash_point("after-register-reply")
     log.info("registered thing %s", registration.thing_name)
@@ -323,7 +339,7 @@ async def _register(
 
 
 def _key(
-    config: Config, progress: Progress, staging: Staging, common_name: str, environ: Mapping[str, str]
+    config: Config, progress: Progress, store: Store, staging: Staging, *, common_name: str, environ: Mapping[str, str]
 ) -> Optional[PreparedKey]:
     """The device key, while a CSR is still to be sent: made now (stage started) or found again (key-ready);
     None for CreateKeysAndCertificate and once the certificate is issued."""
@@ -338,7 +354,7 @@ def _key(
         return None
     with step("key"):
         if config.keys.backend == "pkcs11":
-            key = _prepare_token_key(config, environ, common_name)
+            key = _token_key_for(config, journal, store, environ, common_name)
         elif journal.stage == "key-ready":
             key = prepared(FileKeyBackend().load_key(staging), common_name)
         else:
@@ -350,29 +366,43 @@ def _key(
     return key
 
 
-def _pkcs11_settings(config: Config) -> Pkcs11Settings:
+def pkcs11_settings(config: Config) -> Pkcs11Settings:
     if config.keys.pkcs11 is None:  # config.py requires it for backend pkcs11
         raise ConfigError("keys.backend is pkcs11, but keys.pkcs11 is missing", step="config")
     return config.keys.pkcs11
 
 
-def _prepare_token_key(config: Config, environ: Mapping[str, str], common_name: str) -> PreparedKey:
-    """fleetprov.keys.token needs python-pkcs11 and asn1crypto (the extra 'pkcs11'): imported only here."""
-    try:
-        from fleetprov.keys.token import prepare_token_key  # noqa: PLC0415
-    except ImportError as exc:
-        raise ConfigError(
-            f"keys.backend pkcs11 needs python-pkcs11 and asn1crypto ({exc.name} is missing): "
-            "install fleetprov[pkcs11]",
-            step="key",
-        ) from None
-    return prepare_token_key(_pkcs11_settings(config), environ, config.required_provisioning().key_type, common_name)
+def generation_key_settings(settings: Pkcs11Settings, number: int) -> Pkcs11Settings:
+    """Where generation ``number``'s own token key lives: the configured label + ``-g<number>``. A new key for
+    every identity, as with key files; the old one stays usable (rollback) until its generation is pruned."""
+    return replace(settings, key_label=f"{settings.key_label or DEFAULT_PKCS11_KEY_LABEL}-g{number}", key_id=None)
+
+
+def _token_key_for(
+    config: Config, journal: Journal, store: Store, environ: Mapping[str, str], common_name: str
+) -> PreparedKey:
+    """The token key of the identity this run provisions, found or made by the key process (awscrt may have
+    loaded the module in this process already: a daemon that provisions anew). The first identity uses the
+    configured key (made at the factory, or now); every later one a key of its own; a resumed run the key it
+    journalled."""
+    settings, fresh = pkcs11_settings(config), False
+    if journal.stage == "key-ready" and journal.key_reference:
+        try:
+            uri = parse_pkcs11_uri(journal.key_reference)
+        except ValueError as exc:
+            raise CorruptState(f"the journal's key reference is unusable: {exc}", step="key") from None
+        settings = replace(settings, key_label=uri.key_label, key_id=uri.key_id)
+    elif store.generations():
+        settings, fresh = generation_key_settings(settings, max(store.generations()) + 1), True
+    key_type = config.required_provisioning().key_type
+    return prepare_in_child(settings, key_type, common_name, environ, fresh=fresh)
 
 
 async def _registered(
     config: Config,
     *,
     progress: Progress,
+    store: Store,
     staging: Staging,
     parameters: Mapping[str, str],
     claim_client_id: str,
@@ -381,7 +411,7 @@ async def _registered(
     """Advance the journal to "registered", resuming from whatever stage it is at."""
     if progress.journal.stage == "registered":
         return
-    key = _key(config, progress, staging, claim_client_id, environ)
+    key = _key(config, progress, store, staging, common_name=claim_client_id, environ=environ)
     connection = _ClaimConnection(config, claim_identity(config, environ), claim_client_id)
 
     async def attempt() -> None:
@@ -534,6 +564,7 @@ async def provision(
                 await _registered(
                     config,
                     progress=progress,
+                    store=store,
                     staging=staging,
                     parameters=parameters,
                     claim_client_id=claim_client_id,

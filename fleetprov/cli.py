@@ -198,7 +198,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fleetprov.agent import read_last_run
+    from fleetprov.agent import read_last_run, read_token_keys
     from fleetprov.jit import read_activation
     from fleetprov.store import Store
 
@@ -221,12 +221,13 @@ def _status(args: argparse.Namespace) -> int:
     status["way_in"] = "jit" if config.jit else "trusted-user" if config.required_claim().inbox else "claim"
     status["waiting_for_activation"] = read_activation(config.state_dir)  # JITP/JITR, until ACTIVE
     status["last_run"] = read_last_run(config.state_dir)
+    status["pruned_token_keys"] = read_token_keys(config.state_dir)  # of removed generations: deleted or not
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         for key, value in status.items():
             shown = value
-            if key in ("last_run", "waiting_for_activation") and isinstance(value, dict):
+            if key in ("last_run", "waiting_for_activation", "pruned_token_keys") and isinstance(value, dict):
                 shown = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
             print(f"{key.replace('_', ' ')}: {shown if shown is not None else '-'}")
     return EX_OK

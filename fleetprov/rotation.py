@@ -17,14 +17,21 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Optional
 
 from fleetprov.agent import prune_old
 from fleetprov.certcheck import check_certificate
-from fleetprov.claim import _parameters, _stage_identity, device_client_id, step, verify_identity
+from fleetprov.claim import (
+    _parameters,
+    _stage_identity,
+    device_client_id,
+    generation_key_settings,
+    pkcs11_settings,
+    step,
+    verify_identity,
+)
 from fleetprov.config import Config
-from fleetprov.errors import BadServiceData, ConfigError
+from fleetprov.errors import BadServiceData
 from fleetprov.hooks import run_hooks
 from fleetprov.journal import Journal
 from fleetprov.keys import PreparedKey, prepared
@@ -79,7 +86,7 @@ async def rotate(
         staging = store.stage()
         issued: Optional[str] = None
         try:
-            key = _new_key(config, generation, staging, environ)
+            key = _new_key(config, store, generation, staging, environ)
             journal = await _registered(
                 config, generation=generation, session=session, staging=staging, key=key, environ=environ
             )
@@ -94,7 +101,7 @@ async def rotate(
             if issued is not None:
                 log.warning("rotation failed: certificate %s, issued to this device, is abandoned", issued)
             raise
-        prune_old(store)
+        prune_old(config, store, environ)
     log.info(
         "rotated: generation %s (certificate %s, not after %s); generation %s stays for rollback",
         rotated.number,
@@ -106,18 +113,17 @@ async def rotate(
     return rotated
 
 
-def _new_key(config: Config, generation: Generation, staging: Staging, environ: Mapping[str, str]) -> PreparedKey:
+def _new_key(
+    config: Config, store: Store, generation: Generation, staging: Staging, environ: Mapping[str, str]
+) -> PreparedKey:
     common_name = generation.manifest.thing_name
     with step("key"):
         if config.keys.backend != "pkcs11":
             return prepared(FileKeyBackend().create_key(config.required_provisioning().key_type, staging), common_name)
-        settings = config.keys.pkcs11
-        if settings is None:
-            raise ConfigError("keys.backend is pkcs11, but keys.pkcs11 is missing", step="config")
-        # A new label per generation: the old key stays usable (rollback) until its generation is removed.
-        label = f"{settings.key_label or 'fleetprov-device'}-g{generation.number + 1}"
-        key_type = config.required_provisioning().key_type
-        return prepare_in_child(replace(settings, key_label=label, key_id=None), key_type, common_name, environ)
+        # The number the new generation gets (not current's + 1: after a rollback a newer generation, and its
+        # key, may exist); a key under that label is one a failed rotation left: a fresh one replaces it.
+        settings = generation_key_settings(pkcs11_settings(config), max(store.generations(), default=0) + 1)
+        return prepare_in_child(settings, config.required_provisioning().key_type, common_name, environ, fresh=True)
 
 
 async def _registered(
@@ -136,9 +142,9 @@ async def _registered(
     client = ProvisioningClient(session.protocol_client, config.operation_timeout)
     with step("create-certificate"):
         issued = await client.create_certificate_from_csr(key.csr_pem)
-    log.info("certificate %s issued for the rotation", issued.certificate_id)
     with step("check-certificate"):
         checked = check_certificate(issued.certificate_pem, key.public_key_der, expected_id=issued.certificate_id)
+    log.info("certificate %s issued for the rotation", checked.certificate_id)
     parameters = dict(_parameters(config, environ, config.required_claim().client_id)[0])
     parameters.setdefault("ThingName", thing)
     with step("register-thing"):
@@ -157,7 +163,7 @@ async def _registered(
         endpoint=config.endpoint,
         stage="registered",
         certificate_id=checked.certificate_id,
-        certificate_pem=issued.certificate_pem,
+        certificate_pem=checked.certificate_pem,
         not_after=iso_utc(checked.not_after),
         key_reference=key.key_reference,
         thing_name=registration.thing_name,

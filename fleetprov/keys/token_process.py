@@ -2,29 +2,37 @@
 same module in this process (the daemon's rotation). python-pkcs11 and awscrt each C_Initialize and
 C_Finalize the module as if they owned it; in one process they break each other's sessions.
 
-    prepare_in_child(settings, key_type, common_name) -> PreparedKey
+    prepare_in_child(settings, key_type, common_name, environ, fresh=...) -> PreparedKey
+    delete_in_child(settings, key_references, environ) -> {key reference: None (deleted) or why not}
 
-The child is ``python -m fleetprov.keys.token_process``: it reads one JSON request on stdin and answers one
-JSON object on stdout (the PreparedKey, or the error's class name, exit code and message). It inherits the
-environment, so the PIN comes from the same source (file, variable or systemd credential); the PIN itself
-never crosses the pipe.
+The child is ``python -m fleetprov.keys.token_process``: it reads one JSON request on stdin (the settings and
+the PIN, read here from its source) and answers one JSON object on stdout (the PreparedKey, or the error's
+class name, exit code and message). The PIN crosses only that pipe, never argv or the child's environment:
+the child's environment is the allow-list of fleetprov/children.py and what PKCS#11 modules read to find
+their configuration, and the child makes itself non-dumpable before it reads its stdin.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import subprocess
+import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
-from fleetprov.errors import EX_TEMPFAIL, ConfigError, FleetprovError
+from fleetprov.children import run_child, shown, token_module_environment
+from fleetprov.errors import EX_TEMPFAIL, ConfigError, FleetprovError, printable
+from fleetprov.hardening import harden_process
 from fleetprov.keys import PreparedKey
-from fleetprov.keys.pkcs11_settings import Pkcs11Settings
+from fleetprov.keys.pkcs11_settings import Pkcs11Settings, read_pin
 from fleetprov.selfexec import python_command
+
+log = logging.getLogger(__name__)
+
+Answer = TypeVar("Answer")
 
 CHILD_TIMEOUT = 120.0  # seconds: RSA-3072 generation on a slow token takes a while
 
@@ -39,34 +47,60 @@ class ChildFailed(FleetprovError):
 
 
 def prepare_in_child(
-    settings: Pkcs11Settings, key_type: str, common_name: str, environ: Mapping[str, str]
+    settings: Pkcs11Settings, key_type: str, common_name: str, environ: Mapping[str, str], *, fresh: bool = False
 ) -> PreparedKey:
-    """The key ``settings`` names (found, or made now) and its CSR, from a fresh process."""
-    request = {"settings": _settings_json(settings), "key_type": key_type, "common_name": common_name}
-    try:
-        done = subprocess.run(
-            python_command("-m", "fleetprov.keys.token_process"),
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT,
-            env=dict(environ),
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ChildFailed(f"the token key process failed: {exc}", EX_TEMPFAIL, transient=True) from None
-    try:
-        answer = json.loads(done.stdout)
-        if "error" in answer:
-            raise ChildFailed(str(answer["error"]), int(answer["exit_code"]), transient=bool(answer["transient"]))
+    """The key ``settings`` names (found, or made now; with ``fresh`` always made now) and its CSR, from a fresh
+    process. The PIN is read here, from ``environ`` or its file, and handed to the child on its stdin."""
+
+    def read(answer: Mapping[str, Any]) -> PreparedKey:
+        log.info("%s", printable(str(answer["done"]), 400))
         return PreparedKey(
             key_reference=str(answer["key_reference"]),
             public_key_der=base64.b64decode(answer["public_key_der"]),
             csr_pem=str(answer["csr_pem"]),
         )
+
+    return _ask_child(settings, {"key_type": key_type, "common_name": common_name, "fresh": fresh}, environ, read)
+
+
+def delete_in_child(
+    settings: Pkcs11Settings, key_references: Sequence[str], environ: Mapping[str, str]
+) -> dict[str, Optional[str]]:
+    """Delete the token keys ``key_references`` name, from a fresh process: for each, None or why not."""
+
+    def read(answer: Mapping[str, Any]) -> dict[str, Optional[str]]:
+        deleted = answer["deleted"]
+        return {key: None if deleted[key] is None else str(deleted[key]) for key in key_references}
+
+    return _ask_child(settings, {"delete": list(key_references)}, environ, read)
+
+
+def _ask_child(
+    settings: Pkcs11Settings,
+    request: Mapping[str, Any],
+    environ: Mapping[str, str],
+    read: Callable[[Mapping[str, Any]], Answer],
+) -> Answer:
+    """The child's answer to ``request`` (with the settings and the PIN added), as ``read`` makes it of the
+    JSON; ChildFailed if the child failed or answered something ``read`` cannot use."""
+    document = {"settings": _settings_json(settings), "pin": read_pin(settings, environ), **request}
+    command = python_command("-m", "fleetprov.keys.token_process")
+    try:
+        done = run_child(command, token_module_environment(environ), CHILD_TIMEOUT, stdin=json.dumps(document).encode())
+    except OSError as exc:
+        raise ChildFailed(f"the token key process cannot start: {exc.strerror}", EX_TEMPFAIL, transient=True) from None
+    if done.timed_out:
+        raise ChildFailed(
+            f"the token key process did not answer within {CHILD_TIMEOUT:g} s", EX_TEMPFAIL, transient=True
+        )
+    try:
+        answer = json.loads(done.stdout)
+        if "error" in answer:
+            raise ChildFailed(str(answer["error"]), int(answer["exit_code"]), transient=bool(answer["transient"]))
+        return read(answer)
     except (ValueError, KeyError, TypeError) as exc:
-        tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-        message = f"the token key process answered nothing usable ({exc}): {tail[0]}"
+        said = shown(done.stderr) or f"exit status {done.status}"
+        message = f"the token key process answered nothing usable ({exc}): {said}"
         raise ChildFailed(message, EX_TEMPFAIL, transient=True) from None
 
 
@@ -99,28 +133,40 @@ def _settings_of(document: Mapping[str, Any]) -> Pkcs11Settings:
 
 
 def main() -> int:
-    import os  # noqa: PLC0415
-
-    from fleetprov.keys.token import prepare_token_key  # noqa: PLC0415 -- needs the extra 'pkcs11'
+    harden_process()  # before the PIN arrives
 
     try:
-        request = json.loads(sys.stdin.read())
-        key = prepare_token_key(
-            _settings_of(request["settings"]), os.environ, str(request["key_type"]), str(request["common_name"])
-        )
+        answer = _answer(json.loads(sys.stdin.read()))
     except FleetprovError as exc:
-        answer: dict[str, Any] = {"error": exc.message, "exit_code": exc.exit_code, "transient": exc.transient}
+        answer = {"error": exc.message, "exit_code": exc.exit_code, "transient": exc.transient}
     except (ValueError, KeyError, TypeError) as exc:
         error = ConfigError(f"bad request to the token key process: {exc}")
         answer = {"error": error.message, "exit_code": error.exit_code, "transient": False}
-    else:
-        answer = {
-            "key_reference": key.key_reference,
-            "public_key_der": base64.b64encode(key.public_key_der).decode(),
-            "csr_pem": key.csr_pem,
-        }
     sys.stdout.write(json.dumps(answer))
     return 0
+
+
+def _answer(request: Mapping[str, Any]) -> dict[str, Any]:
+    """What the child does: delete keys (``delete``), or find or make one and sign its CSR."""
+    try:
+        from fleetprov.keys.token import delete_token_keys, prepare_token_key  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigError(
+            f"keys.backend pkcs11 needs python-pkcs11 and asn1crypto ({exc.name} is missing): install fleetprov[pkcs11]"
+        ) from None
+
+    settings, pin = _settings_of(request["settings"]), str(request["pin"])
+    if "delete" in request:
+        return {"deleted": delete_token_keys(settings, pin, [str(reference) for reference in request["delete"]])}
+    key, done = prepare_token_key(
+        settings, pin, str(request["key_type"]), str(request["common_name"]), fresh=request["fresh"] is True
+    )
+    return {
+        "done": done,
+        "key_reference": key.key_reference,
+        "public_key_der": base64.b64encode(key.public_key_der).decode(),
+        "csr_pem": key.csr_pem,
+    }
 
 
 if __name__ == "__main__":

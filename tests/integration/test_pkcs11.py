@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from fleetprov.keys.pkcs11 import open_token, public_key_der
+from fleetprov.keys.pkcs11 import generate_key, open_token, public_key_der
 from tests.integration.transports import Mqtt5Broker, edit_config, mqtt5_broker  # noqa: F401 -- fixture
 from tests.softhsm import SoftToken, make_token
 from tests.support import Emulator, device_config, fleetprov
@@ -172,7 +172,6 @@ def test_mqtt5_through_the_token(
 
 def test_a_factory_made_key_is_used(emulator: Emulator, token: SoftToken, tmp_path: Path) -> None:
     """A key put into the token at the factory (same label) is used, not replaced; no second key is made."""
-    from fleetprov.keys.pkcs11 import generate_key
 
     with open_token(token.settings(key_label=KEY_LABEL), token.pin) as session:
         factory = generate_key(session, "ec-p384", KEY_LABEL, b"\x42").public_key_der()
@@ -186,6 +185,67 @@ def test_a_factory_made_key_is_used(emulator: Emulator, token: SoftToken, tmp_pa
 
 
 # -- crash safety --------------------------------------------------------------------------------------
+
+
+def _certified_key(state: Path) -> bytes:
+    certificate = x509.load_pem_x509_certificate((_generation(state) / "certificate.pem").read_bytes())
+    return certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def test_every_identity_gets_a_key_of_its_own(emulator: Emulator, token: SoftToken, tmp_path: Path) -> None:
+    """Re-provisioning makes a new key in the token (a label per generation), as it makes a new key file; the
+    key of a generation that is pruned is deleted from the token, and `fleetprov status` says so."""
+    config = _config(emulator, tmp_path / "device", token, "--serial", "hsm-again")
+    state = tmp_path / "device" / "state"
+    assert _run(token, "--once", "--config", str(config)).returncode == 0
+    first = _check_token_identity(token, state)
+    certified = [_certified_key(state)]
+    # A key a failed run left under generation 2's label: replaced, never certified.
+    with open_token(token.settings(), token.pin) as session:
+        left_over = generate_key(session, "ec-p256", f"{KEY_LABEL}-g2", None).public_key_der()
+    for number in (2, 3):
+        result = _run(token, "reprovision", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        label = f"{KEY_LABEL}-g{number}"
+        assert f"made a ec-p256 key in token '{token.label}': pkcs11:token={token.label};object={label};" in (
+            result.stderr
+        )
+        replaced = "deleted the 2 object(s) a failed run had left under its label" in result.stderr
+        assert replaced == (number == 2), result.stderr
+        manifest = json.loads((_generation(state) / "manifest.json").read_text())
+        assert manifest["key_reference"].startswith(f"pkcs11:token={token.label};object={label};"), manifest
+        assert _certified_key(state) == _token_public_key(token, label)
+        certified.append(_certified_key(state))
+    assert len({*certified, left_over}) == 4, "a key was certified twice"
+    # Generation 1 was pruned (the current one and the one before it stay): its key is gone from the token.
+    assert sorted(key["label"] for key in _private_keys(token)) == [f"{KEY_LABEL}-g2", f"{KEY_LABEL}-g3"]
+    status = _run(token, "status", "--json", "--config", str(config))
+    pruned = json.loads(status.stdout)["pruned_token_keys"]
+    assert (pruned["deleted"], pruned["not_deleted"]) == ([first["key_reference"]], [])
+    text = _run(token, "status", "--config", str(config)).stdout
+    assert f"pruned token keys: updated_at={pruned['updated_at']}, deleted=['{first['key_reference']}']" in text
+
+
+def test_a_pruned_key_that_cannot_be_deleted_is_reported(emulator: Emulator, token: SoftToken, tmp_path: Path) -> None:
+    config = _config(emulator, tmp_path / "device", token, "--serial", "hsm-elsewhere")
+    state = tmp_path / "device" / "state"
+    assert _run(token, "--once", "--config", str(config)).returncode == 0
+    # Generation 1's key is (as far as its manifest says) in a token that is not the configured one.
+    manifest_path = _generation(state) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    elsewhere = manifest["key_reference"].replace(f"token={token.label};", "token=elsewhere;")
+    manifest_path.write_text(json.dumps({**manifest, "key_reference": elsewhere}))
+    for _ in range(2):
+        result = _run(token, "reprovision", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+    assert f"could not delete the token key {elsewhere} of a removed generation" in result.stderr
+    pruned = json.loads(_run(token, "status", "--json", "--config", str(config)).stdout)["pruned_token_keys"]
+    assert pruned["deleted"] == []
+    assert pruned["not_deleted"] == [
+        {"key": elsewhere, "error": f"in token 'elsewhere', not the configured {token.label!r}"}
+    ]
 
 
 @pytest.mark.parametrize("point", ["after-key", "after-issue-reply", "after-registered"])

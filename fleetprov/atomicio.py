@@ -82,6 +82,19 @@ def _is_symlink(name: Path | str, parent_fd: Optional[int]) -> bool:
         return False
 
 
+def write_all(fd: int, data: bytes, name: str) -> None:
+    """Write all of ``data`` to the new file ``fd`` and fsync it. ``name`` is the file the crash tests know it
+    by (fleetprov.crashpoints): they may stop the process half-way through it."""
+    if crash_mid_write(name):
+        os.write(fd, data[: len(data) // 2])
+        os.fsync(fd)
+        crash_point(f"mid-write:{name}")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def _create_and_write(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` (it must not exist) with ``mode`` from its first byte, write ``data``, fsync it.
 
@@ -89,16 +102,7 @@ def _create_and_write(path: Path, data: bytes, mode: int) -> None:
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        target = path.name.split(".tmp-")[0].lstrip(".")  # the file a temporary file stands in for
-        if crash_mid_write(target):
-            os.write(fd, data[: len(data) // 2])
-            os.fsync(fd)
-            crash_point(f"mid-write:{target}")
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
+        write_all(fd, data, path.name.split(".tmp-")[0].lstrip("."))  # the file a temporary file stands in for
     except BaseException:
         with contextlib.suppress(OSError):
             path.unlink()

@@ -27,7 +27,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from fleetprov.crashpoints import crash_mid_write, crash_point
+from fleetprov.atomicio import write_all
 
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # On the way: O_PATH needs no read permission, only search (x) as a path lookup does: a 0711 directory on the
@@ -145,13 +145,7 @@ def create_file(directory_fd: int, name: str, data: bytes, mode: int, owner: Own
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o700,
                  dir_fd=directory_fd)  # fmt: skip
     try:
-        if crash_mid_write(name):
-            os.write(fd, data[: len(data) // 2])
-            os.fsync(fd)
-            crash_point(f"mid-write:{name}")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data, name)
         settle(fd, mode, owner)
         os.fsync(directory_fd)
     except BaseException:

@@ -309,3 +309,13 @@ def device_config(emulator: Emulator, directory: Path, *options: str) -> Path:
     path = directory / "config.yaml"
     path.write_text(result.stdout)
     return path
+
+
+def remaining_length(length: int) -> bytes:
+    """MQTT's Remaining Length field for ``length`` (a fixed header's second part), for raw-packet tests."""
+    encoded = bytearray()
+    while True:
+        length, digit = divmod(length, 128)
+        encoded.append(digit | (0x80 if length else 0))
+        if not length:
+            return bytes(encoded)

@@ -8,7 +8,7 @@ import os
 import signal
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from cryptography import x509
@@ -18,11 +18,11 @@ from cryptography.x509.oid import NameOID
 
 from tests.support import fleetprov, key_pem
 
-NOW = dt.datetime.now(dt.timezone.utc)
 
-
-def write_claim(directory: Path, not_after: dt.datetime = NOW + dt.timedelta(minutes=5)) -> tuple[Path, Path, str]:
-    """claim.pem and claim.key as CreateProvisioningClaim's reply would give them; and the key's PEM body."""
+def write_claim(directory: Path, not_after: Optional[dt.datetime] = None) -> tuple[Path, Path, str]:
+    """claim.pem and claim.key as CreateProvisioningClaim's reply would give them (valid 5 minutes from now, as
+    a temporary claim, unless ``not_after`` says otherwise); and the key's PEM body."""
+    now = dt.datetime.now(dt.timezone.utc)
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "AWS IoT Certificate")])
@@ -32,8 +32,8 @@ def write_claim(directory: Path, not_after: dt.datetime = NOW + dt.timedelta(min
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(minutes=1))
-        .not_valid_after(not_after)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(not_after or now + dt.timedelta(minutes=5))
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "claim.pem", directory / "claim.key"
@@ -117,7 +117,8 @@ def test_errors_exit_codes_and_nothing_written(tmp_path: Path, earlier: bool) ->
     before = tree(inbox)
     cert, key, key_body = write_claim(tmp_path / "app")
     _, other_key, other_body = write_claim(tmp_path / "other")
-    expired_cert, expired_key, _ = write_claim(tmp_path / "expired", not_after=NOW - dt.timedelta(seconds=1))
+    a_second_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    expired_cert, expired_key, _ = write_claim(tmp_path / "expired", not_after=a_second_ago)
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\x00\xff not PEM at all")
     cases = [

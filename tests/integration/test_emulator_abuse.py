@@ -23,7 +23,7 @@ from fleetprov.emulator.mqtt_limits import (
     MAX_SUBSCRIPTIONS_PER_CONNECTION,
 )
 from fleetprov.facts import CLAIM_CLIENT_ID_PREFIX
-from tests.support import Emulator, provision_csr, raw_claim, start_emulator
+from tests.support import Emulator, provision_csr, raw_claim, remaining_length, start_emulator
 
 ANSWER_SECONDS = 1.0  # the bound: each attacker is answered or closed within a second
 MAX_RSS_BYTES = 200 * 1024 * 1024
@@ -79,15 +79,6 @@ def tls_connection(emulator: Emulator) -> ssl.SSLSocket:
     context.load_cert_chain(emulator.claim_cert, emulator.claim_key)
     raw = socket.create_connection((emulator.host, emulator.port), timeout=30)
     return context.wrap_socket(raw, server_hostname="localhost")
-
-
-def remaining_length(length: int) -> bytes:
-    encoded = bytearray()
-    while True:
-        length, digit = divmod(length, 128)
-        encoded.append(digit | (0x80 if length else 0))
-        if not length:
-            return bytes(encoded)
 
 
 def mqtt_string(text: str) -> bytes:

@@ -19,15 +19,7 @@ from fleetprov.emulator.mqtt_limits import (
     install_packet_size_cap,
     subscribe_problem,
 )
-
-
-def encoded_length(length: int) -> bytes:
-    encoded = bytearray()
-    while True:
-        length, digit = divmod(length, 128)
-        encoded.append(digit | (0x80 if length else 0))
-        if not length:
-            return bytes(encoded)
+from tests.support import remaining_length
 
 
 def decode_header(data: bytes, *, capped: bool) -> Optional[MQTTFixedHeader]:
@@ -48,19 +40,19 @@ def decode_header(data: bytes, *, capped: bool) -> Optional[MQTTFixedHeader]:
 @pytest.mark.parametrize("first_byte", [0x10, 0x30, 0x82], ids=["CONNECT", "PUBLISH", "SUBSCRIBE"])
 def test_a_header_announcing_more_than_the_cap_is_refused(first_byte: int) -> None:
     with pytest.raises(PacketTooLarge, match=r"of 67108864 bytes: AWS IoT accepts messages of at most 131072"):
-        decode_header(bytes([first_byte]) + encoded_length(64 * 1024 * 1024), capped=True)
+        decode_header(bytes([first_byte]) + remaining_length(64 * 1024 * 1024), capped=True)
     with pytest.raises(PacketTooLarge):
-        decode_header(bytes([first_byte]) + encoded_length(MAX_REMAINING_LENGTH + 1), capped=True)
+        decode_header(bytes([first_byte]) + remaining_length(MAX_REMAINING_LENGTH + 1), capped=True)
 
 
 def test_the_largest_packet_aws_accepts_passes() -> None:
-    header = decode_header(b"\x30" + encoded_length(MAX_REMAINING_LENGTH), capped=True)
+    header = decode_header(b"\x30" + remaining_length(MAX_REMAINING_LENGTH), capped=True)
     assert header is not None and header.remaining_length == MAX_REMAINING_LENGTH
     assert MAX_REMAINING_LENGTH == 2 + 256 + 2 + 128 * 1024  # topic length, longest topic, packet id, payload
 
 
 def test_readers_that_are_not_the_emulators_are_not_capped() -> None:
-    header = decode_header(b"\x30" + encoded_length(64 * 1024 * 1024), capped=False)
+    header = decode_header(b"\x30" + remaining_length(64 * 1024 * 1024), capped=False)
     assert header is not None and header.remaining_length == 64 * 1024 * 1024
 
 

@@ -26,22 +26,23 @@ log = logging.getLogger(__name__)
 
 
 def prepare_token_key(
-    settings: Pkcs11Settings, pin: str, key_type: str, common_name: str, *, fresh: bool
+    settings: Pkcs11Settings, pin: str, key_type: str, name: str, *, fresh: bool
 ) -> tuple[PreparedKey, str]:
-    """The key ``settings`` names, with its CSR: found or made now, or with ``fresh`` always made now (what was
-    under its label before is deleted: it belongs to no generation, a run that failed or was killed made it);
-    and what was done, for the log of the process that asked (this runs in the key process)."""
+    """The key ``settings`` names, with its CSR for ``name`` (its common name as keys.csr_common_name makes
+    it, as for a key file): found or made now, or with ``fresh`` always made now (what was under its label
+    before is deleted: it belongs to no generation, a run that failed or was killed made it); and what was
+    done, for the log of the process that asked (this runs in the key process)."""
     with open_token(settings, pin) as session:
         where = f"token {session.token.label!r}"
         replaced = delete_key(session, settings.key_label, settings.key_id) if fresh else 0
         key = None if fresh else _existing_key(session, settings)
         if key is not None:
-            return prepared(key, common_name), f"using the key already in {where}: {key.key_reference}"
+            return prepared(key, name), f"using the key already in {where}: {key.key_reference}"
         key = generate_key(session, key_type, settings.key_label, settings.key_id)
         done = f"made a {key_type} key in {where}: {key.key_reference}"
         if replaced:
             done += f" (deleted the {replaced} object(s) a failed run had left under its label)"
-        return prepared(key, common_name), done
+        return prepared(key, name), done
 
 
 def _existing_key(session: pkcs11.Session, settings: Pkcs11Settings) -> Optional[Pkcs11Key]:

@@ -1,8 +1,9 @@
 """Who is connecting and what they may do: certificate status at CONNECT, IoT policies for every action.
 
 A connection is identified by its client certificate (id = SHA-256 of the DER). Only ACTIVE certificates
-connect; the policies attached to the certificate, with the thing attached to it, decide every publish,
-subscribe and delivery -- exactly what AWS IoT Core checks, minus the parts the emulator does not model.
+connect; the policies attached to the certificate, with the thing the connection is associated with (policy.py
+says which), decide every publish, subscribe and delivery -- exactly what AWS IoT Core checks, minus the parts
+the emulator does not model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
-from fleetprov.emulator.policy import Policy, PolicyContext, PolicyError, Request, is_allowed
+from fleetprov.emulator.policy import AttachedThing, Policy, PolicyContext, PolicyError, Request, is_allowed
 from fleetprov.emulator.registry import Registry
 from fleetprov.errors import EmulatorError
 
@@ -47,7 +48,6 @@ def identify(registry: Registry, peer_der: Optional[bytes], client_id: str, *, r
         )
     except PolicyError as exc:
         raise ConnectionRefused(f"certificate {certificate_id[:12]}: attached policy is invalid: {exc}") from exc
-    things = registry.things_for_certificate(certificate_id)
     identity = Identity(
         certificate_id=certificate_id,
         kind=record.kind,
@@ -56,7 +56,7 @@ def identify(registry: Registry, peer_der: Optional[bytes], client_id: str, *, r
             region=region,
             account=account,
             client_id=client_id,
-            thing_name=things[0] if things else None,
+            attached_things=_attached_things(registry, certificate_id),
             certificate_id=certificate_id,
         ),
     )
@@ -65,3 +65,20 @@ def identify(registry: Registry, peer_der: Optional[bytes], client_id: str, *, r
             f"certificate {certificate_id[:12]}: policy does not allow iot:Connect as {client_id!r}"
         )
     return identity
+
+
+def _attached_things(registry: Registry, certificate_id: str) -> tuple[AttachedThing, ...]:
+    """The things attached to the certificate, as the connection's policy variables see them (the policy picks
+    the one the client id or an exclusive attachment names)."""
+    things = []
+    for attachment in registry.thing_attachments(certificate_id):
+        record = registry.thing(attachment.thing)
+        things.append(
+            AttachedThing(
+                name=attachment.thing,
+                exclusive=attachment.exclusive,
+                thing_type=record.thing_type if record else None,
+                attributes=record.attributes if record else {},
+            )
+        )
+    return tuple(things)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fleetprov.emulator.registry import THING_PRINCIPAL_TYPES
 from fleetprov.errors import EX_OK, EmulatorError, UsageError
 
 
@@ -71,6 +72,20 @@ def add_emulator_commands(parser: argparse.ArgumentParser) -> None:
     status.add_argument("certificate_id")
     status.add_argument("status", choices=["ACTIVE", "INACTIVE", "REVOKED"])
     status.set_defaults(handler=_set_status)
+
+    attach = commands.add_parser(
+        "attach-thing-principal",
+        help="attach a certificate to a thing, as AWS's AttachThingPrincipal (RegisterThing attaches non-exclusively)",
+    )
+    _state_dir(attach)
+    attach.add_argument("thing_name")
+    attach.add_argument("certificate_id")
+    attach.add_argument(
+        "--thing-principal-type", choices=THING_PRINCIPAL_TYPES, default="NON_EXCLUSIVE_THING",
+        help="EXCLUSIVE_THING: the certificate's only thing; its connections then resolve the thing policy "
+        "variables whatever their client id",
+    )  # fmt: skip
+    attach.set_defaults(handler=_attach_thing_principal)
 
     device = commands.add_parser(
         "device-config", help="print a complete fleetprov configuration for a device of this running emulator"
@@ -218,6 +233,17 @@ def _certificates(args: argparse.Namespace) -> int:
 def _set_status(args: argparse.Namespace) -> int:
     registry = _existing_registry(args.state_dir)
     registry.set_certificate_status(args.certificate_id, args.status)
+    return EX_OK
+
+
+def _attach_thing_principal(args: argparse.Namespace) -> int:
+    registry = _existing_registry(args.state_dir)
+    # AWS answers ResourceNotFoundException for either.
+    if registry.thing(args.thing_name) is None:
+        raise EmulatorError(f"no thing named {args.thing_name!r}")
+    if registry.certificate(args.certificate_id) is None:
+        raise EmulatorError(f"no certificate with id {args.certificate_id}")
+    registry.attach_thing_principal(args.thing_name, args.certificate_id, args.thing_principal_type)
     return EX_OK
 
 

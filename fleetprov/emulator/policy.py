@@ -18,7 +18,7 @@ import json
 import re
 import reprlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from fleetprov.errors import EmulatorError
@@ -41,6 +41,7 @@ _STATEMENT_KEYS = ("Sid", "Effect", "Action", "Resource")
 _UNSUPPORTED_KEYS = ("Condition", "NotAction", "NotResource", "Principal", "NotPrincipal")
 
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
+_THING_ATTRIBUTE = re.compile(r"iot:Connection\.Thing\.Attributes\[([^\]]+)\]")
 # AWS CreateProvisioningTemplate: templateName matches ^[0-9A-Za-z_-]+$, 1-36 characters.
 _TEMPLATE_NAME = re.compile(r"[0-9A-Za-z_-]{1,36}")
 # The client ids a claim may connect with: those of fleetprov's claim connections (fleetprov.facts), never a
@@ -70,14 +71,42 @@ class Request:
 
 
 @dataclass(frozen=True)
+class AttachedThing:
+    """A thing attached to the connecting certificate (AttachThingPrincipal), with what its variables resolve to."""
+
+    name: str
+    exclusive: bool = False  # attached with thingPrincipalType EXCLUSIVE_THING: the certificate's only thing
+    thing_type: Optional[str] = None
+    attributes: Mapping[str, str] = field(default_factory=dict, hash=False)  # a dict: not hashable
+
+
+@dataclass(frozen=True)
 class PolicyContext:
     """Who is asking: the values policy variables and ARNs are built from."""
 
     region: str = "us-east-1"
     account: str = "123456789012"
     client_id: str = ""
-    thing_name: Optional[str] = None  # thing attached to the certificate, if any
+    attached_things: tuple[AttachedThing, ...] = ()  # every thing attached to the certificate
     certificate_id: str = ""
+
+    @property
+    def connection_thing(self) -> Optional[AttachedThing]:
+        """The thing the iot:Connection.Thing.* variables describe, or None: then they do not resolve.
+
+        AWS, "Associating an AWS IoT thing to an MQTT client connection" (exclusive-thing.html): "If your client
+        ID matches your thing's name in the registry, after you attach an X.509 certificate to that IoT thing,
+        AWS IoT Core will associate the client connection with the thing. [...] If your client ID doesn't match
+        the thing's name in the registry, you can establish this association by attaching an X.509 certificate
+        to your IoT thing, exclusively."  And "Thing policy variables": "If non-exclusive thing association is
+        in place, when you're replacing thing names with thing policy variables, the value of clientId in the
+        MQTT connect message [...] must exactly match the thing name."  So a certificate attached to thing T
+        (non-exclusively) gets no thing at all when it connects as "T-telemetry".
+        """
+        for thing in self.attached_things:
+            if thing.exclusive or thing.name == self.client_id:
+                return thing
+        return None
 
 
 @dataclass(frozen=True)
@@ -260,11 +289,19 @@ def _resolve(variable: str, context: PolicyContext) -> Optional[str]:
     """The value of ``${variable}``, or None when AWS could not resolve it either."""
     if variable in ("*", "?", "$"):
         return variable  # IAM's escapes for a literal *, ? and $
-    thing = context.thing_name or None
+    thing = context.connection_thing
+    attribute = _THING_ATTRIBUTE.fullmatch(variable)
+    if attribute:
+        # No associated thing, or no such attribute on it: unresolved, as in AWS.
+        return thing.attributes.get(attribute.group(1)) if thing else None
     values = {
         "iot:ClientId": context.client_id or None,
         "iot:CertificateId": context.certificate_id or None,
-        "iot:Connection.Thing.ThingName": thing,
+        "iot:Connection.Thing.ThingName": thing.name if thing else None,
+        "iot:Connection.Thing.ThingTypeName": thing.thing_type if thing else None,
+        # "true" only for a thing associated with the connection (see PolicyContext.connection_thing): AWS,
+        # "indicating that the connecting thing is attached to the certificate [...] Thing name is taken as
+        # client Id."
         "iot:Connection.Thing.IsAttached": "true" if thing else "false",
     }
     return values.get(variable)

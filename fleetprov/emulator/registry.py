@@ -17,10 +17,13 @@ from typing import Any, Optional
 
 from fleetprov.errors import EmulatorError
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; bump on any schema change
-# Versions this code upgrades in place: each later version only added tables, which _SCHEMA creates.
-# 2 added ca_certificates.
-UPGRADABLE_VERSIONS = frozenset({1})
+SCHEMA_VERSION = 3  # PRAGMA user_version; bump on any schema change
+# Versions this code upgrades in place: 2 added ca_certificates (a table, which _SCHEMA creates); 3 added
+# thing_principals.exclusive (a column, which _add_missing_columns adds).
+UPGRADABLE_VERSIONS = frozenset({1, 2})
+# AttachThingPrincipal's thingPrincipalType: "EXCLUSIVE_THING - [...] The thing will be the only thing that's
+# attached to the principal. NON_EXCLUSIVE_THING - [...] Multiple things can be attached to the principal."
+THING_PRINCIPAL_TYPES = ("NON_EXCLUSIVE_THING", "EXCLUSIVE_THING")
 CERTIFICATE_STATUSES = ("ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION")
 CA_MODES = ("DEFAULT", "SNI_ONLY")
 
@@ -50,7 +53,9 @@ CREATE TABLE IF NOT EXISTS thing_group_members (
     thing TEXT NOT NULL, thing_group TEXT NOT NULL, PRIMARY KEY (thing, thing_group)
 );
 CREATE TABLE IF NOT EXISTS thing_principals (
-    thing TEXT NOT NULL, certificate_id TEXT NOT NULL, PRIMARY KEY (thing, certificate_id)
+    thing TEXT NOT NULL, certificate_id TEXT NOT NULL,
+    exclusive INTEGER NOT NULL DEFAULT 0,  -- 1: attached with thingPrincipalType EXCLUSIVE_THING
+    PRIMARY KEY (thing, certificate_id)
 );
 CREATE INDEX IF NOT EXISTS thing_principals_by_certificate ON thing_principals (certificate_id);
 CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, document TEXT NOT NULL);
@@ -77,6 +82,14 @@ CREATE TABLE IF NOT EXISTS ca_certificates (  -- customer CAs, for JITP and JITR
     created_at REAL NOT NULL
 );
 """
+# Columns later schema versions added to tables an older registry already has: (table, column, definition).
+_ADDED_COLUMNS = (("thing_principals", "exclusive", "INTEGER NOT NULL DEFAULT 0"),)
+
+
+@dataclass(frozen=True)
+class ThingAttachment:
+    thing: str
+    exclusive: bool  # thingPrincipalType EXCLUSIVE_THING
 
 
 @dataclass(frozen=True)
@@ -135,12 +148,20 @@ class Registry:
                     "start with a new state directory"
                 )
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise EmulatorError(f"cannot open registry {path}: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
+
+    def _add_missing_columns(self) -> None:
+        """Upgrade an older registry's tables in place: its rows keep their values and get the column's default."""
+        for table, column, definition in _ADDED_COLUMNS:
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -290,13 +311,41 @@ class Registry:
             raise ValueError(kind)
         return self._one(f"SELECT 1 FROM {kind} WHERE name = ?", (name,)) is not None
 
-    def attach_thing_principal(self, thing: str, certificate_id: str) -> None:
-        self._db.execute("INSERT OR IGNORE INTO thing_principals VALUES (?, ?)", (thing, certificate_id))
+    def attach_thing_principal(
+        self, thing: str, certificate_id: str, principal_type: str = "NON_EXCLUSIVE_THING"
+    ) -> None:
+        """AttachThingPrincipal; attaching again sets the attachment's type.
+
+        An exclusive attachment is the certificate's only one: attaching exclusively while another thing is
+        attached, or attaching another thing while one is attached exclusively, raises EmulatorError.
+        """
+        if principal_type not in THING_PRINCIPAL_TYPES:
+            raise EmulatorError(
+                f"unknown thingPrincipalType {principal_type!r} (one of {', '.join(THING_PRINCIPAL_TYPES)})"
+            )
+        exclusive = principal_type == "EXCLUSIVE_THING"
+        # The check and the write in one transaction (RegisterThing already runs inside one).
+        with contextlib.nullcontext() if self._db.in_transaction else self.transaction():
+            others = [a for a in self.thing_attachments(certificate_id) if a.thing != thing]
+            if others and (exclusive or any(a.exclusive for a in others)):
+                names = ", ".join(a.thing for a in others)
+                raise EmulatorError(
+                    f"certificate {certificate_id} is attached to {names}: an EXCLUSIVE_THING attachment "
+                    "must be the certificate's only thing"
+                )
+            self._db.execute(
+                "INSERT OR REPLACE INTO thing_principals (thing, certificate_id, exclusive) VALUES (?, ?, ?)",
+                (thing, certificate_id, int(exclusive)),
+            )
+
+    def thing_attachments(self, certificate_id: str) -> list[ThingAttachment]:
+        rows = self._db.execute(
+            "SELECT thing, exclusive FROM thing_principals WHERE certificate_id = ? ORDER BY thing", (certificate_id,)
+        )
+        return [ThingAttachment(thing=str(thing), exclusive=bool(exclusive)) for thing, exclusive in rows]
 
     def things_for_certificate(self, certificate_id: str) -> list[str]:
-        return self._column(
-            "SELECT thing FROM thing_principals WHERE certificate_id = ? ORDER BY thing", (certificate_id,)
-        )
+        return [attachment.thing for attachment in self.thing_attachments(certificate_id)]
 
     def principals_of_thing(self, thing: str) -> list[str]:
         return self._column("SELECT certificate_id FROM thing_principals WHERE thing = ? ORDER BY 1", (thing,))

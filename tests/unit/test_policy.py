@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetprov.emulator.policy import (
+    AttachedThing,
     Policy,
     PolicyContext,
     PolicyError,
@@ -21,7 +22,7 @@ from fleetprov.emulator.policy import (
 )
 from fleetprov.errors import EmulatorError
 
-CTX = PolicyContext(client_id="dev-1", thing_name="thing-1", certificate_id="abc123")
+CTX = PolicyContext(client_id="dev-1", certificate_id="abc123")
 ARN = "arn:aws:iot:us-east-1:123456789012"
 
 
@@ -163,10 +164,52 @@ def test_client_id_variable() -> None:
     assert not check([p], "iot:Publish", "devices/dev-2/telemetry")
 
 
-def test_thing_name_variable_resolves_to_attached_thing() -> None:
-    p = policy(allow("iot:Publish", f"{ARN}:topic/$aws/things/${{iot:Connection.Thing.ThingName}}/shadow/*"))
-    assert check([p], "iot:Publish", "$aws/things/thing-1/shadow/update")
-    assert not check([p], "iot:Publish", "$aws/things/thing-2/shadow/update")
+def as_client(client_id: str, *things: AttachedThing) -> PolicyContext:
+    """A connection of a certificate attached to ``things``, made with ``client_id``."""
+    return PolicyContext(client_id=client_id, attached_things=things, certificate_id="abc123")
+
+
+THING = AttachedThing("thing-1", thing_type="lamp", attributes={"room": "hall"})
+EXCLUSIVE = replace(THING, exclusive=True)
+# The device policy of the demo template and of configs/aws/fleetprov-cloud.yaml.
+DEVICE_POLICY = policy(
+    allow("iot:Connect", f"{ARN}:client/${{iot:Connection.Thing.ThingName}}"),
+    allow("iot:Publish", f"{ARN}:topic/devices/${{iot:Connection.Thing.ThingName}}/*"),
+)
+
+
+def test_thing_name_variable_resolves_when_the_client_id_is_the_thing_name() -> None:
+    context = as_client("thing-1", THING)
+    assert check([DEVICE_POLICY], "iot:Connect", "thing-1", context)
+    assert check([DEVICE_POLICY], "iot:Publish", "devices/thing-1/telemetry", context)
+    assert not check([DEVICE_POLICY], "iot:Publish", "devices/thing-2/telemetry", context)
+
+
+def test_thing_name_variable_does_not_resolve_for_another_client_id() -> None:
+    """AWS: with a non-exclusive attachment the client id must be the thing name; the first attached thing is not
+    used in its place."""
+    context = as_client("thing-1-telemetry", THING)
+    assert not check([DEVICE_POLICY], "iot:Connect", "thing-1-telemetry", context)
+    assert not check([DEVICE_POLICY], "iot:Publish", "devices/thing-1/telemetry", context)
+    suffixed = policy(allow("iot:Connect", f"{ARN}:client/${{iot:Connection.Thing.ThingName}}-*"))
+    assert not check([suffixed], "iot:Connect", "thing-1-telemetry", context)
+
+
+def test_the_client_id_picks_the_thing_among_several_attached() -> None:
+    things = (AttachedThing("thing-a"), AttachedThing("thing-b"))
+    assert check([DEVICE_POLICY], "iot:Publish", "devices/thing-b/x", as_client("thing-b", *things))
+    assert not check([DEVICE_POLICY], "iot:Publish", "devices/thing-a/x", as_client("thing-b", *things))
+    # A thing of that name that is not attached to this certificate does not count.
+    assert not check([DEVICE_POLICY], "iot:Connect", "thing-c", as_client("thing-c", *things))
+
+
+def test_an_exclusive_attachment_resolves_for_any_client_id() -> None:
+    context = as_client("thing-1-telemetry", EXCLUSIVE)
+    assert check([DEVICE_POLICY], "iot:Publish", "devices/thing-1/telemetry", context)
+    # The variable is the thing's name, not the client id: client/${ThingName} still names only "thing-1".
+    assert not check([DEVICE_POLICY], "iot:Connect", "thing-1-telemetry", context)
+    suffixed = policy(allow("iot:Connect", f"{ARN}:client/${{iot:Connection.Thing.ThingName}}-*"))
+    assert check([suffixed], "iot:Connect", "thing-1-telemetry", context)
 
 
 def test_unresolved_thing_name_never_matches() -> None:
@@ -182,13 +225,34 @@ def test_unresolved_thing_name_never_matches() -> None:
     assert check([mixed], "iot:Publish", "x", no_thing)
 
 
-@pytest.mark.parametrize(("thing", "topic"), [("thing-1", "attached/true"), (None, "attached/false")])
-def test_is_attached_variable(thing: Optional[str], topic: str) -> None:
+@pytest.mark.parametrize(
+    ("context", "attached"),
+    [
+        (as_client("thing-1", THING), "true"),
+        (as_client("thing-1-telemetry", THING), "false"),
+        (as_client("thing-1-telemetry", EXCLUSIVE), "true"),
+        (as_client("thing-1"), "false"),
+    ],
+)
+def test_is_attached_variable(context: PolicyContext, attached: str) -> None:
     p = policy(allow("iot:Publish", f"{ARN}:topic/attached/${{iot:Connection.Thing.IsAttached}}"))
-    context = PolicyContext(client_id="dev-1", thing_name=thing)
-    assert check([p], "iot:Publish", topic, context)
-    other = "attached/false" if topic.endswith("true") else "attached/true"
-    assert not check([p], "iot:Publish", other, context)
+    assert check([p], "iot:Publish", f"attached/{attached}", context)
+    other = "false" if attached == "true" else "true"
+    assert not check([p], "iot:Publish", f"attached/{other}", context)
+
+
+@pytest.mark.parametrize(
+    ("variable", "topic"),
+    [("iot:Connection.Thing.ThingTypeName", "lamp"), ("iot:Connection.Thing.Attributes[room]", "hall")],
+)
+def test_thing_type_and_attribute_variables(variable: str, topic: str) -> None:
+    p = policy(allow("iot:Publish", f"{ARN}:topic/${{{variable}}}"))
+    assert check([p], "iot:Publish", topic, as_client("thing-1", THING))
+    assert check([p], "iot:Publish", topic, as_client("thing-1-telemetry", EXCLUSIVE))
+    assert not check([p], "iot:Publish", topic, as_client("thing-1-telemetry", THING))
+    # A thing without a type or without that attribute leaves the variable unresolved.
+    assert not check([p], "iot:Publish", "", as_client("bare", AttachedThing("bare")))
+    assert not check([p], "iot:Publish", topic, as_client("bare", AttachedThing("bare")))
 
 
 def test_certificate_id_variable() -> None:
@@ -422,10 +486,14 @@ ACTIONS = st.sampled_from(["iot:Connect", "iot:Publish", "iot:Subscribe", "iot:R
     resource=ANY_TEXT,
     client_id=ANY_TEXT,
     thing=st.none() | ANY_TEXT,
+    exclusive=st.booleans(),
     region=ANY_TEXT,
 )
-def test_is_allowed_never_raises(action: str, resource: str, client_id: str, thing: Optional[str], region: str) -> None:
-    context = PolicyContext(region=region, client_id=client_id, thing_name=thing)
+def test_is_allowed_never_raises(
+    action: str, resource: str, client_id: str, thing: Optional[str], exclusive: bool, region: str
+) -> None:
+    things = () if thing is None else (AttachedThing(thing, exclusive=exclusive),)
+    context = PolicyContext(region=region, client_id=client_id, attached_things=things)
     assert isinstance(is_allowed(POLICIES, Request(action, resource), context), bool)
 
 

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from fleetprov.emulator.registry import SCHEMA_VERSION, CertificateRecord, Registry, TemplateRecord, ThingRecord
+from fleetprov.emulator.registry import (
+    SCHEMA_VERSION,
+    CertificateRecord,
+    Registry,
+    TemplateRecord,
+    ThingAttachment,
+    ThingRecord,
+)
 from fleetprov.errors import EmulatorError
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -176,6 +183,36 @@ def test_thing_principals(registry: Registry) -> None:
     assert registry.principals_of_thing("t1") == ["c1", "c2"]
     assert registry.things_for_certificate("c1") == ["t0", "t1"]
     assert registry.things_for_certificate("c3") == []
+    assert registry.thing_attachments("c1") == [ThingAttachment("t0", False), ThingAttachment("t1", False)]
+
+
+def test_an_exclusive_attachment_is_the_certificates_only_thing(registry: Registry) -> None:
+    registry.attach_thing_principal("t1", "c1", "EXCLUSIVE_THING")
+    assert registry.thing_attachments("c1") == [ThingAttachment("t1", True)]
+    with pytest.raises(EmulatorError, match=r"^certificate c1 is attached to t1: an EXCLUSIVE_THING attachment "):
+        registry.attach_thing_principal("t2", "c1")
+    registry.attach_thing_principal("t1", "c2")  # the thing may have other certificates
+    with pytest.raises(EmulatorError, match=r"^certificate c2 is attached to t1: "):
+        registry.attach_thing_principal("t2", "c2", "EXCLUSIVE_THING")
+    # Attaching the same thing again sets the type: non-exclusive, the certificate may take another thing.
+    registry.attach_thing_principal("t1", "c1", "NON_EXCLUSIVE_THING")
+    registry.attach_thing_principal("t2", "c1")
+    assert registry.thing_attachments("c1") == [ThingAttachment("t1", False), ThingAttachment("t2", False)]
+    assert registry.thing_attachments("c2") == [ThingAttachment("t1", False)]
+
+
+def test_an_exclusive_attachment_inside_a_transaction_is_checked_too(registry: Registry) -> None:
+    registry.attach_thing_principal("t1", "c1")
+    with pytest.raises(EmulatorError, match="EXCLUSIVE_THING"), registry.transaction():
+        registry.attach_thing_principal("t0", "c9")
+        registry.attach_thing_principal("t2", "c1", "EXCLUSIVE_THING")
+    assert registry.thing_attachments("c9") == []  # rolled back with the transaction
+
+
+def test_an_unknown_thing_principal_type_is_refused(registry: Registry) -> None:
+    with pytest.raises(EmulatorError, match=r"^unknown thingPrincipalType 'EXCLUSIVE' \(one of NON_EXCLUSIVE_THING, "):
+        registry.attach_thing_principal("t1", "c1", "EXCLUSIVE")
+    assert registry.thing_attachments("c1") == []
 
 
 @pytest.mark.parametrize("kind", ["thing_groups", "thing_types", "billing_groups"])
@@ -357,6 +394,27 @@ def test_attributes_are_stored_as_json(registry: Registry) -> None:
 def test_new_registry_records_its_schema_version(registry: Registry) -> None:
     with sqlite3.connect(registry.path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+def test_a_registry_of_schema_version_2_keeps_its_attachments_as_non_exclusive(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE thing_principals (thing TEXT NOT NULL, certificate_id TEXT NOT NULL, "
+            "PRIMARY KEY (thing, certificate_id))"
+        )
+        db.execute("INSERT INTO thing_principals VALUES ('t1', 'c1')")
+        db.execute("PRAGMA user_version = 2")
+    upgraded = Registry(path)
+    try:
+        assert upgraded.thing_attachments("c1") == [ThingAttachment("t1", False)]
+        upgraded.attach_thing_principal("t2", "c2", "EXCLUSIVE_THING")
+        assert upgraded.thing_attachments("c2") == [ThingAttachment("t2", True)]
+    finally:
+        upgraded.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    Registry(path).close()  # an upgraded registry opens again
 
 
 def test_registry_of_another_schema_version_is_refused(tmp_path: Path) -> None:

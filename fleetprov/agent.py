@@ -61,7 +61,7 @@ async def once(
         if config.jit is not None:
             return Outcome(await enrol(config, store, environ, report), provisioned=True)
         result = await _provision(config, store, environ, journal)
-        prune_old(config, store, environ)
+        await prune_old(config, store, environ)
     _remove_claim_key(config)
     return Outcome(result.generation, provisioned=True, abandoned=result.abandoned)
 
@@ -130,7 +130,7 @@ async def reprovision(config: Config, environ: Optional[Mapping[str, str]] = Non
             )
         environ = os.environ if environ is None else environ
         result = await _provision(config, store, environ, journal)
-        prune_old(config, store, environ)
+        await prune_old(config, store, environ)
     _remove_claim_key(config)
     return Outcome(result.generation, provisioned=True, abandoned=result.abandoned)
 
@@ -170,7 +170,7 @@ def rollback(config: Config) -> tuple[Generation, Generation]:
     return current, previous
 
 
-def prune_old(config: Config, store: Store, environ: Mapping[str, str]) -> list[int]:
+async def prune_old(config: Config, store: Store, environ: Mapping[str, str]) -> list[int]:
     """Keep the current generation and the one before it (for `fleetprov rollback`); best effort. The token
     keys of the generations removed go too (PRUNED_KEYS says which went and which could not)."""
     before = _token_keys_of(store, store.generations())
@@ -189,7 +189,7 @@ def prune_old(config: Config, store: Store, environ: Mapping[str, str]) -> list[
     doomed = {before[number] for number in pruned if number in before} - still_used
     left_over = {str(entry["key"]) for entry in _not_deleted(store.state_dir)} - still_used
     if doomed or left_over:
-        _delete_token_keys(config, store.state_dir, sorted(doomed | left_over), environ)
+        await _delete_token_keys(config, store.state_dir, sorted(doomed | left_over), environ)
     return pruned
 
 
@@ -204,7 +204,9 @@ def _token_keys_of(store: Store, numbers: list[int]) -> dict[int, str]:
     return keys
 
 
-def _delete_token_keys(config: Config, state_dir: Path, references: list[str], environ: Mapping[str, str]) -> None:
+async def _delete_token_keys(
+    config: Config, state_dir: Path, references: list[str], environ: Mapping[str, str]
+) -> None:
     """Delete ``references`` from the token (by the key process: awscrt may have loaded the module here), and
     say in PRUNED_KEYS which went and which could not (those are tried again at the next prune)."""
     settings = config.keys.pkcs11
@@ -213,7 +215,7 @@ def _delete_token_keys(config: Config, state_dir: Path, references: list[str], e
         outcome = dict.fromkeys(references, "keys.pkcs11 is not configured")
     else:
         try:
-            outcome = delete_in_child(settings, references, environ)
+            outcome = await delete_in_child(settings, references, environ)
         except FleetprovError as exc:
             outcome = dict.fromkeys(references, exc.message)
     deleted = [reference for reference, why in outcome.items() if why is None]

@@ -17,30 +17,41 @@ also gets the ``FLEETPROV_*`` settings, ``STATE_DIRECTORY``, ``JOURNAL_STREAM``,
 systemd), and no hook or parameter command gets the PIN's variable, ``CREDENTIALS_DIRECTORY`` or any
 ``FLEETPROV_*`` setting of fleetprov's own.
 
-run_child runs a child in a process group of its own (a new session) with a deadline:
+run_child runs a child in a process group of its own (a new session) with a deadline, without blocking the
+event loop (the daemon's watchdog pings and its SIGTERM handler go on while a hook or the key process runs):
 
 - at the deadline the whole group is killed (SIGKILL);
 - when the child itself exits, fleetprov does not wait for its pipes to close: whatever the child left
   running in its group is killed then too, so a hook that starts ``sleep 60 &`` neither holds fleetprov nor
   outlives it. A child must not leave processes behind: a hook starts a service with ``systemctl``, not
   with ``&`` (a process that makes a session of its own, as ``setsid`` does, escapes the group);
+- when the call is cancelled (the daemon's SIGTERM), the whole group is killed at once (within _EXIT_POLL)
+  and the child reaped before CancelledError goes on;
 - its output is kept up to OUTPUT_LIMIT bytes per stream (more is read and dropped, so a chatty child never
-  blocks on a full pipe); ``shown`` turns it into text fit for one log line.
+  blocks on a full pipe), or goes where fleetprov's goes (``capture=False``); ``shown`` turns it into text
+  fit for one log line.
 
-run_child keeps no state outside its call, so it may run in a thread (``asyncio.to_thread``).
+The child is watched from a worker thread (asyncio.to_thread), not with asyncio's subprocesses: in CPython
+3.11 Process.wait() returns only once the child's pipes have closed (base_subprocess wakes its exit waiters
+in _call_connection_lost), so a background process holding them would hold fleetprov; and asyncio's child
+watcher reaps the child at once, so its pid, the group's id, could be reused before the group is killed.
+The thread waits with waitid(WNOWAIT) and kills the group before it reaps the child.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import selectors
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Optional, cast
+from typing import IO, TYPE_CHECKING, Optional
 
 from fleetprov.errors import printable
 from fleetprov.keys.pkcs11_settings import CREDENTIALS_DIRECTORY
@@ -114,20 +125,45 @@ class Finished:
     timed_out: bool  # killed, with its group, at the deadline
 
 
-def run_child(argv: Sequence[str], environment: Mapping[str, str], timeout: float, *, stdin: bytes = b"") -> Finished:
+async def run_child(
+    argv: Sequence[str], environment: Mapping[str, str], timeout: float, *, stdin: bytes = b"", capture: bool = True
+) -> Finished:
     """Run ``argv`` with exactly ``environment``, ``stdin`` on its standard input, until it exits or
-    ``timeout`` seconds have passed. OSError if it cannot be started."""
+    ``timeout`` seconds have passed; its output is kept (``capture``) or goes where fleetprov's goes. OSError
+    if it cannot be started. Cancelled: the group is killed and the child reaped, then CancelledError."""
+    cancelled = threading.Event()
+    work = functools.partial(_run, argv, environment, timeout, stdin=stdin, capture=capture, cancelled=cancelled)
+    running = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        cancelled.set()
+        await asyncio.wait({running})  # the thread kills the group and reaps the child within _EXIT_POLL
+        raise
+
+
+def _run(
+    argv: Sequence[str],
+    environment: Mapping[str, str],
+    timeout: float,
+    *,
+    stdin: bytes,
+    capture: bool,
+    cancelled: threading.Event,
+) -> Finished:
+    """run_child's work, in a worker thread: it ends early, killing the group, once ``cancelled`` is set."""
+    output = subprocess.PIPE if capture else None
     process = subprocess.Popen(
         list(argv),
         env=dict(environment),
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=output,
+        stderr=output,
         start_new_session=True,
     )
     outputs = _Outputs(process)
     try:
-        timed_out = not outputs.until_exit(stdin, time.monotonic() + timeout)
+        timed_out = not outputs.until_exit(stdin, time.monotonic() + timeout, cancelled)
     finally:
         # The child is not reaped yet (waitid WNOWAIT): its pid, the group's id, cannot have been reused.
         _kill_group(process)
@@ -152,20 +188,21 @@ class _Outputs:
         self.stdout = bytearray()
         self.stderr = bytearray()
         self._selector = selectors.DefaultSelector()
-        pipes = ((process.stdout, self.stdout), (process.stderr, self.stderr))  # run_child made both
-        for stream, sink in ((cast(IO[bytes], stream), sink) for stream, sink in pipes):
+        pipes = ((process.stdout, self.stdout), (process.stderr, self.stderr))  # None: not captured
+        for stream, sink in ((stream, sink) for stream, sink in pipes if stream is not None):
             os.set_blocking(stream.fileno(), False)
             self._selector.register(stream, selectors.EVENT_READ, sink)
 
-    def until_exit(self, stdin: bytes, deadline: float) -> bool:
-        """Read the output (and write ``stdin``) until the child exits (True) or the deadline (False)."""
+    def until_exit(self, stdin: bytes, deadline: float, cancelled: threading.Event) -> bool:
+        """Read the output (and write ``stdin``) until the child exits (True), the deadline or ``cancelled``
+        (False)."""
         pending = memoryview(stdin)
         if self._process.stdin is not None:
             os.set_blocking(self._process.stdin.fileno(), False)
             self._selector.register(self._process.stdin, selectors.EVENT_WRITE)
         while not _exited(self._process.pid):
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or cancelled.is_set():
                 return False
             for key, _ in self._selector.select(min(remaining, _EXIT_POLL)):
                 if key.data is None:

@@ -172,13 +172,13 @@ def device_identity(
     return Identity(certificate, token_key=_token_key(config, uri, environ))
 
 
-def _parameters(
+async def _parameters(
     config: Config, environ: Mapping[str, str], claim_client_id: Optional[str]
 ) -> tuple[dict[str, str], str]:
     facts = read_facts()
     wanted = config.required_provisioning().parameters
     with step("parameters"):
-        parameters = template_parameters(
+        parameters = await template_parameters(
             wanted.static,
             wanted.from_env,
             wanted.facts,
@@ -338,7 +338,7 @@ async def _register(
     )
 
 
-def _key(
+async def _key(
     config: Config, progress: Progress, store: Store, staging: Staging, *, common_name: str, environ: Mapping[str, str]
 ) -> Optional[PreparedKey]:
     """The device key, while a CSR is still to be sent: made now (stage started) or found again (key-ready);
@@ -354,7 +354,7 @@ def _key(
         return None
     with step("key"):
         if config.keys.backend == "pkcs11":
-            key = _token_key_for(config, journal, store, environ, common_name)
+            key = await _token_key_for(config, journal, store, environ, common_name)
         elif journal.stage == "key-ready":
             key = prepared(FileKeyBackend().load_key(staging), common_name)
         else:
@@ -378,7 +378,7 @@ def generation_key_settings(settings: Pkcs11Settings, number: int) -> Pkcs11Sett
     return replace(settings, key_label=f"{settings.key_label or DEFAULT_PKCS11_KEY_LABEL}-g{number}", key_id=None)
 
 
-def _token_key_for(
+async def _token_key_for(
     config: Config, journal: Journal, store: Store, environ: Mapping[str, str], common_name: str
 ) -> PreparedKey:
     """The token key of the identity this run provisions, found or made by the key process (awscrt may have
@@ -395,7 +395,7 @@ def _token_key_for(
     elif store.generations():
         settings, fresh = generation_key_settings(settings, max(store.generations()) + 1), True
     key_type = config.required_provisioning().key_type
-    return prepare_in_child(settings, key_type, common_name, environ, fresh=fresh)
+    return await prepare_in_child(settings, key_type, common_name, environ, fresh=fresh)
 
 
 async def _registered(
@@ -411,7 +411,7 @@ async def _registered(
     """Advance the journal to "registered", resuming from whatever stage it is at."""
     if progress.journal.stage == "registered":
         return
-    key = _key(config, progress, store, staging, common_name=claim_client_id, environ=environ)
+    key = await _key(config, progress, store, staging, common_name=claim_client_id, environ=environ)
     connection = _ClaimConnection(config, claim_identity(config, environ), claim_client_id)
 
     async def attempt() -> None:
@@ -551,7 +551,7 @@ async def provision(
 ) -> Provisioned:
     """Provision by claim (or finish the interrupted run the journal describes); returns once verified."""
     check_claim_files(config)
-    parameters, claim_client_id = _parameters(config, environ, config.required_claim().client_id)
+    parameters, claim_client_id = await _parameters(config, environ, config.required_claim().client_id)
     progress = Progress(store.state_dir, journal or _no_journal(config))
     staging: Optional[Staging] = None
     try:
@@ -586,7 +586,7 @@ async def provision(
             _give_up(store, progress, staging, exc)
         raise
     _finish(store, generation)
-    run_hooks(config, generation, environ)
+    await run_hooks(config, generation, environ)
     return Provisioned(generation, progress.journal.abandoned)
 
 

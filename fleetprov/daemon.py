@@ -9,9 +9,13 @@
 
 SIGHUP re-reads the configuration (a bad file is logged and the old configuration kept) and reconnects with
 the new one. sd_notify tells systemd what is going on: READY=1 once connected with the permanent identity,
-STATUS= the current step in words, WATCHDOG=1 while the event loop is alive. A transient failure (the
-endpoint down, throttling) is waited out here instead of exiting; a permanent one (refused, bad
-configuration) exits with its code, and fleetprov.service's RestartPreventExitStatus keeps it down.
+STATUS= the current step in words, WATCHDOG=1 while the event loop is alive. Nothing holds the event loop up:
+every child the daemon starts (the hooks, the parameter command, the PKCS#11 key process, `fleetprov
+reprovision`) runs within a bound without blocking it (fleetprov/children.py), so the watchdog pings go on
+while a child runs, and SIGTERM is answered (exit 0) within 2 s whatever a child is doing: the child is
+killed with its process group. A transient failure (the endpoint down, throttling) is waited out here
+instead of exiting; a permanent one (refused, bad configuration) exits with its code, and fleetprov.service's
+RestartPreventExitStatus keeps it down.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Callable, Optional, TypeVar, Union
 
 from fleetprov.agent import WaitingForClaim, once, record_last_run, store_of
-from fleetprov.children import reprovision_environment
+from fleetprov.children import reprovision_environment, run_child
 from fleetprov.claim import device_client_id, device_identity, endpoint_of
 from fleetprov.claim_inbox import PENDING, ExpiredClaim
 from fleetprov.config import Config
@@ -45,6 +49,10 @@ ROTATION_RETRY_AFTER_REFUSAL = 3600.0  # seconds: a rotation the service refused
 WAKE_UP = 3600.0  # seconds: while connected, the rotation time is looked at again at least this often
 INBOX_POLL = 1.0  # seconds between looks into claim.inbox while waiting for a temporary claim
 TRANSIENT_EXITS = (EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR)  # of `fleetprov reprovision`: try again later
+# Seconds: far more than a `fleetprov reprovision` takes (a clock wait of clock_sync_timeout, two retry.budget
+# phases, the key process and the hooks, with the defaults); one still running then is stuck, killed, and
+# tried again later.
+REPROVISION_TIMEOUT = 3600.0
 
 
 class Stopped(Exception):
@@ -215,7 +223,7 @@ class Daemon:
         while True:
             self._notifier.status(f"provisioning anew with the claim: {why}")
             environment = reprovision_environment(self._environ, config)
-            code = await self._until_stopped(_child(self._reprovision_command, environment))
+            code = await self._until_stopped(_reprovision_child(self._reprovision_command, environment))
             if code == EX_OK:
                 self._failures = 0
                 return
@@ -300,19 +308,19 @@ async def _while_connected(session: Session, due: Optional[float]) -> Union[str,
             return await asyncio.wait_for(session.lost.wait(), wait)
 
 
-async def _child(argv: Sequence[str], environment: Mapping[str, str]) -> int:
-    """Run ``argv`` with ``environment`` (its output goes where ours goes) and return its exit status; killed
-    if cancelled."""
-    process = await asyncio.create_subprocess_exec(*argv, env=dict(environment))
+async def _reprovision_child(argv: Sequence[str], environment: Mapping[str, str]) -> int:
+    """Run `fleetprov reprovision` (``argv``; its output goes where ours goes) and return its exit status:
+    EX_TEMPFAIL when it cannot start or is killed at REPROVISION_TIMEOUT. SIGTERM meanwhile (cancelled) kills
+    it with its process group: an interrupted run resumes from its journal at the next start."""
     try:
-        return await process.wait()
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), SHUTDOWN_TIMEOUT / 2)
-            except asyncio.TimeoutError:
-                process.kill()
+        done = await run_child(argv, environment, REPROVISION_TIMEOUT, capture=False)
+    except OSError as exc:
+        log.error("cannot start `fleetprov reprovision`: %s", exc.strerror or exc)
+        return EX_TEMPFAIL
+    if done.timed_out:
+        log.error("`fleetprov reprovision` killed after %g s", REPROVISION_TIMEOUT)
+        return EX_TEMPFAIL
+    return done.status
 
 
 async def _first(waiting: Awaitable[T], event: asyncio.Event) -> Optional[T]:

@@ -108,7 +108,7 @@ def default_claim_client_id(facts: DeviceFacts) -> str:
     )
 
 
-def template_parameters(
+async def template_parameters(
     static: Mapping[str, str],
     from_env: Mapping[str, str],
     facts_wanted: Mapping[str, str],
@@ -133,19 +133,19 @@ def template_parameters(
         except FactUnavailable as exc:
             raise FactUnavailable(f"template parameter {parameter!r}: {exc.message}", step=STEP) from None
     if command:
-        parameters.update(_run_parameter_command(command, command_timeout, environ))
+        parameters.update(await _run_parameter_command(command, command_timeout, environ))
     # Names only: values may be secrets (serials, tokens) and logs leave the device.
     log.info("template parameters: %s", ", ".join(sorted(parameters)) or "(none)")
     return parameters
 
 
-def _run_parameter_command(command: Sequence[str], timeout: float, environ: Mapping[str, str]) -> dict[str, str]:
+async def _run_parameter_command(command: Sequence[str], timeout: float, environ: Mapping[str, str]) -> dict[str, str]:
     """The command's JSON object; it runs with the allow-listed environment of fleetprov/children.py only (not
     the PIN's variable, not $CREDENTIALS_DIRECTORY, not fleetprov's own settings), in a process group of its
     own that is killed when it exits or at ``timeout``."""
     what = f"parameter command {command[0]!r}"
     try:
-        result = run_child(command, child_environment(environ), timeout)
+        result = await run_child(command, child_environment(environ), timeout)
     except OSError as exc:
         raise ParameterCommandError(f"{what} cannot be started: {exc.strerror or exc}", step=STEP) from None
     if result.timed_out:

@@ -20,9 +20,10 @@ does run as fleetprov's user, with that user's access to files.
 
 The identity is committed before any hook runs: a hook that fails, hangs (killed at the timeout) or cannot be
 started is logged and changes nothing. Each hook runs in a process group of its own; the group is killed when
-the hook exits or at the timeout, so a hook must not leave processes behind (start services with
-``systemctl``). Files that are not executable, hidden or backup files (``.*``, ``*~``, ``*.dpkg-*``) are
-skipped, so a package's conffile leftovers never run.
+the hook exits, at the timeout, or when the daemon stops (SIGTERM) while the hook runs, so a hook must not
+leave processes behind (start services with ``systemctl``). A hook does not hold up the daemon: its watchdog
+pings and its answer to SIGTERM go on meanwhile. Files that are not executable, hidden or backup files
+(``.*``, ``*~``, ``*.dpkg-*``) are skipped, so a package's conffile leftovers never run.
 
 Only what root or fleetprov's own user can change runs: a hook (symlinks are followed: it runs by its real
 path) and the hooks directory must belong to root or fleetprov's user and must not be writable by group or
@@ -91,8 +92,9 @@ def hooks_in(directory: Path) -> list[Path]:
     ]
 
 
-def run_hooks(config: Config, generation: Generation, base: Mapping[str, str]) -> int:
-    """Run every hook for ``generation``; how many succeeded. Never raises: the commit stands."""
+async def run_hooks(config: Config, generation: Generation, base: Mapping[str, str]) -> int:
+    """Run every hook for ``generation``, one after the other; how many succeeded. Never raises but
+    CancelledError (the daemon's SIGTERM: the running hook's group is killed): the commit stands."""
     try:
         # Listed by its real path, the one checked: the configured path may pass through symlinks elsewhere.
         directory = changeable_only_by(config.hooks.directory, os.geteuid(), stat.S_IFDIR)
@@ -103,7 +105,7 @@ def run_hooks(config: Config, generation: Generation, base: Mapping[str, str]) -
         return 0
     hooks = hooks_in(directory)
     environment = hook_environment(config, generation, base)
-    return sum(_run_one(hook, environment, config.hooks.timeout) for hook in hooks)
+    return sum([await _run_one(hook, environment, config.hooks.timeout) for hook in hooks])
 
 
 def changeable_only_by(path: Path, service_uid: int, kind: int) -> Path:
@@ -153,7 +155,7 @@ def _reason(exc: Exception) -> str:
     return f"cannot check it: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
 
 
-def _run_one(hook: Path, environment: Mapping[str, str], timeout: float) -> bool:
+async def _run_one(hook: Path, environment: Mapping[str, str], timeout: float) -> bool:
     try:
         real = changeable_only_by(hook, os.geteuid(), stat.S_IFREG)
     except (UnsafeHook, OSError) as exc:
@@ -162,7 +164,7 @@ def _run_one(hook: Path, environment: Mapping[str, str], timeout: float) -> bool
     try:
         # By the path just checked, whose every component only root and this user can change (resolving the
         # hook's symlinks again could pass through a directory nobody checked).
-        done = run_child([str(real)], environment, timeout)
+        done = await run_child([str(real)], environment, timeout)
     except OSError as exc:
         log.warning("hook %s: cannot run: %s (the identity stays committed)", hook, exc.strerror)
         return False

@@ -291,5 +291,5 @@ async def enrol(config: Config, store: Store, environ: Mapping[str, str], report
         raise
     finally:
         waiting.done()
-    run_hooks(config, generation, environ)
+    await run_hooks(config, generation, environ)
     return generation

@@ -4,7 +4,9 @@
     -> stage -> the old connection closes -> verify (connect from staging) -> commit -> hooks
 
 The old identity stays current until the new one has connected; a rotation that fails at any step discards
-what it staged and leaves `current` alone (the daemon reconnects with it and tries again later). Rotation is
+what it staged and leaves `current` alone (the daemon reconnects with it and tries again later). That holds
+for a failure of any kind: an unexpected exception is logged as a bug and raised as RotationBug, a
+FleetprovError, never out of the daemon. Rotation is
 not journalled: one killed half-way leaves a staging directory that the next start removes, and at most one
 certificate that was issued and never used. Only CreateCertificateFromCsr rotates: the key is made on the
 device, in a file in the new generation or in the token under a new label (by a child process; see
@@ -13,11 +15,12 @@ fleetprov/keys/token_process.py).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import random
-from collections.abc import Mapping
-from typing import Optional
+from collections.abc import Iterator, Mapping
+from typing import Callable, Optional
 
 from fleetprov.agent import prune_old
 from fleetprov.certcheck import check_certificate
@@ -31,7 +34,7 @@ from fleetprov.claim import (
     verify_identity,
 )
 from fleetprov.config import Config
-from fleetprov.errors import BadServiceData
+from fleetprov.errors import BadServiceData, FleetprovError, printable
 from fleetprov.hooks import run_hooks
 from fleetprov.journal import Journal
 from fleetprov.keys import PreparedKey, prepared
@@ -75,33 +78,24 @@ def rotation_template(config: Config) -> str:
     return config.daemon.rotation_template or config.required_provisioning().template
 
 
+class RotationBug(FleetprovError):
+    """An unexpected exception in a rotation: a bug in fleetprov, logged for a report. The daemon keeps its
+    identity and tries again later, as after a refusal (not transient: the same bug would strike again at
+    once); a crash would have systemd restart it into the same rotation, at every restart."""
+
+
 async def rotate(
     config: Config, store: Store, generation: Generation, session: Session, environ: Mapping[str, str]
 ) -> Generation:
     """Rotate ``generation``'s certificate over ``session`` (closed on the way: the new identity connects
-    with the same client id); the new current generation. Raises with ``current`` unchanged."""
+    with the same client id); the new current generation. Raises only FleetprovError (RotationBug for an
+    unexpected exception), with ``current`` unchanged. Once the new generation is committed the rotation has
+    happened, whatever pruning and the hooks then do: their failures are logged, never raised."""
     thing = generation.manifest.thing_name
     log.info("rotating the certificate of thing %s (not after %s)", thing, generation.manifest.not_after)
-    with store.lock():
-        staging = store.stage()
-        issued: Optional[str] = None
-        try:
-            key = _new_key(config, store, generation, staging, environ)
-            journal = await _registered(
-                config, generation=generation, session=session, staging=staging, key=key, environ=environ
-            )
-            issued = journal.certificate_id
-            identity = _stage_identity(config, journal, staging, environ)
-            await session.close(CLOSE_TIMEOUT)
-            await verify_identity(config, identity, device_client_id(config, thing))
-            with step("commit"):
-                rotated = store.commit(staging, publish=True)
-        except BaseException:
-            staging.discard()
-            if issued is not None:
-                log.warning("rotation failed: certificate %s, issued to this device, is abandoned", issued)
-            raise
-        prune_old(config, store, environ)
+    with _bugs_reported(), store.lock():
+        rotated = await _committed(config, store, generation, session, environ)
+        _after_commit("prune", lambda: prune_old(config, store, environ))
     log.info(
         "rotated: generation %s (certificate %s, not after %s); generation %s stays for rollback",
         rotated.number,
@@ -109,21 +103,82 @@ async def rotate(
         rotated.manifest.not_after,
         generation.number,
     )
-    run_hooks(config, rotated, environ)
+    _after_commit("hooks", lambda: run_hooks(config, rotated, environ))
     return rotated
+
+
+async def _committed(
+    config: Config, store: Store, generation: Generation, session: Session, environ: Mapping[str, str]
+) -> Generation:
+    """The new identity, staged, verified and committed (``store`` locked by the caller); on failure what was
+    staged is discarded and the exception raised."""
+    staging = store.stage()
+    issued: Optional[str] = None
+    try:
+        key = _new_key(config, store, generation, staging, environ)
+        journal = await _registered(
+            config, generation=generation, session=session, staging=staging, key=key, environ=environ
+        )
+        issued = journal.certificate_id
+        identity = _stage_identity(config, journal, staging, environ)
+        await session.close(CLOSE_TIMEOUT)
+        await verify_identity(config, identity, device_client_id(config, generation.manifest.thing_name))
+        with step("commit"):
+            return store.commit(staging, publish=True)
+    except BaseException:
+        staging.discard()
+        if issued is not None:
+            log.warning("rotation failed: certificate %s, issued to this device, is abandoned", issued)
+        raise
+
+
+@contextlib.contextmanager
+def _bugs_reported() -> Iterator[None]:
+    """FleetprovError passes; any other exception (cancellation aside) is logged as a bug, one line (its
+    traceback at debug level), and raised as RotationBug."""
+    try:
+        yield
+    except FleetprovError:
+        raise
+    except Exception as exc:
+        _log_bug("rotation", exc)
+        raise RotationBug(f"unexpected {_described(exc)}: a bug in fleetprov", step="rotation") from exc
+
+
+def _after_commit(what: str, action: Callable[[], object]) -> None:
+    """``action``, after the commit: what it raises is logged; the new generation stays current."""
+    try:
+        action()
+    except FleetprovError as exc:
+        log.error("%s after the rotation failed (the new certificate is current): %s", what, exc)
+    except Exception as exc:
+        _log_bug(what, exc)
+
+
+def _log_bug(what: str, exc: Exception) -> None:
+    log.error(
+        "%s: unexpected %s: a bug in fleetprov, please report it (log_level debug shows its traceback)",
+        what,
+        _described(exc),
+    )
+    log.debug("%s: the unexpected exception's traceback", what, exc_info=exc)
+
+
+def _described(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {printable(str(exc), 200)}"
 
 
 def _new_key(
     config: Config, store: Store, generation: Generation, staging: Staging, environ: Mapping[str, str]
 ) -> PreparedKey:
-    common_name = generation.manifest.thing_name
+    thing = generation.manifest.thing_name  # a CSR's common name is made from it: keys.csr_common_name
     with step("key"):
         if config.keys.backend != "pkcs11":
-            return prepared(FileKeyBackend().create_key(config.required_provisioning().key_type, staging), common_name)
+            return prepared(FileKeyBackend().create_key(config.required_provisioning().key_type, staging), thing)
         # The number the new generation gets (not current's + 1: after a rollback a newer generation, and its
         # key, may exist); a key under that label is one a failed rotation left: a fresh one replaces it.
         settings = generation_key_settings(pkcs11_settings(config), max(store.generations(), default=0) + 1)
-        return prepare_in_child(settings, config.required_provisioning().key_type, common_name, environ, fresh=True)
+        return prepare_in_child(settings, config.required_provisioning().key_type, thing, environ, fresh=True)
 
 
 async def _registered(

@@ -2,14 +2,16 @@
 same module in this process (the daemon's rotation). python-pkcs11 and awscrt each C_Initialize and
 C_Finalize the module as if they owned it; in one process they break each other's sessions.
 
-    prepare_in_child(settings, key_type, common_name, environ, fresh=...) -> PreparedKey
-    delete_in_child(settings, key_references, environ) -> {key reference: None (deleted) or why not}
+    await prepare_in_child(settings, key_type, common_name, environ, fresh=...) -> PreparedKey
+    await delete_in_child(settings, key_references, environ) -> {key reference: None (deleted) or why not}
 
 The child is ``python -m fleetprov.keys.token_process``: it reads one JSON request on stdin (the settings and
 the PIN, read here from its source) and answers one JSON object on stdout (the PreparedKey, or the error's
 class name, exit code and message). The PIN crosses only that pipe, never argv or the child's environment:
 the child's environment is the allow-list of fleetprov/children.py and what PKCS#11 modules read to find
-their configuration, and the child makes itself non-dumpable before it reads its stdin.
+their configuration (and, in tests only, fleetprov/crashpoints.py's delay knob), and the child makes itself
+non-dumpable before it reads its stdin. The child runs without holding up the daemon's event loop, within
+CHILD_TIMEOUT, and is killed with its process group if the daemon stops meanwhile (fleetprov/children.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from fleetprov.children import run_child, shown, token_module_environment
+from fleetprov.crashpoints import delay_knob, delay_point
 from fleetprov.errors import EX_TEMPFAIL, ConfigError, FleetprovError, printable
 from fleetprov.hardening import harden_process
 from fleetprov.keys import PreparedKey
@@ -46,7 +49,7 @@ class ChildFailed(FleetprovError):
         self.transient = transient
 
 
-def prepare_in_child(
+async def prepare_in_child(
     settings: Pkcs11Settings, key_type: str, common_name: str, environ: Mapping[str, str], *, fresh: bool = False
 ) -> PreparedKey:
     """The key ``settings`` names (found, or made now; with ``fresh`` always made now) and its CSR, from a fresh
@@ -60,10 +63,10 @@ def prepare_in_child(
             csr_pem=str(answer["csr_pem"]),
         )
 
-    return _ask_child(settings, {"key_type": key_type, "common_name": common_name, "fresh": fresh}, environ, read)
+    return await _ask_child(settings, {"key_type": key_type, "common_name": common_name, "fresh": fresh}, environ, read)
 
 
-def delete_in_child(
+async def delete_in_child(
     settings: Pkcs11Settings, key_references: Sequence[str], environ: Mapping[str, str]
 ) -> dict[str, Optional[str]]:
     """Delete the token keys ``key_references`` name, from a fresh process: for each, None or why not."""
@@ -72,10 +75,10 @@ def delete_in_child(
         deleted = answer["deleted"]
         return {key: None if deleted[key] is None else str(deleted[key]) for key in key_references}
 
-    return _ask_child(settings, {"delete": list(key_references)}, environ, read)
+    return await _ask_child(settings, {"delete": list(key_references)}, environ, read)
 
 
-def _ask_child(
+async def _ask_child(
     settings: Pkcs11Settings,
     request: Mapping[str, Any],
     environ: Mapping[str, str],
@@ -86,7 +89,9 @@ def _ask_child(
     document = {"settings": _settings_json(settings), "pin": read_pin(settings, environ), **request}
     command = python_command("-m", "fleetprov.keys.token_process")
     try:
-        done = run_child(command, token_module_environment(environ), CHILD_TIMEOUT, stdin=json.dumps(document).encode())
+        # The delay knob (test-only: a slow token, fleetprov/crashpoints.py) is the one variable added on purpose.
+        environment = {**token_module_environment(environ), **delay_knob(environ)}
+        done = await run_child(command, environment, CHILD_TIMEOUT, stdin=json.dumps(document).encode())
     except OSError as exc:
         raise ChildFailed(f"the token key process cannot start: {exc.strerror}", EX_TEMPFAIL, transient=True) from None
     if done.timed_out:
@@ -134,6 +139,7 @@ def _settings_of(document: Mapping[str, Any]) -> Pkcs11Settings:
 
 def main() -> int:
     harden_process()  # before the PIN arrives
+    delay_point("token-process")
 
     try:
         answer = _answer(json.loads(sys.stdin.read()))

@@ -175,6 +175,30 @@ def test_a_certificate_near_its_not_after_is_rotated(
     assert "Traceback" not in agent.log()
 
 
+def test_a_thing_name_longer_than_a_common_name_is_rotated(
+    emulator_with: object, start_agent: object, tmp_path: Path
+) -> None:
+    """A thing name of 100 characters (AWS allows 128; X.509 64 in a CSR's common name): the CSR says a
+    shortened name (keys.csr_common_name) and the rotation goes through, where the daemon used to die of a
+    ValueError at its first rotation."""
+    emulator = emulator_with(  # type: ignore[operator]
+        "--template", f"rotating={_rotating_template(tmp_path)}", "--certificate-validity", "30"
+    )
+    serial = "long-" + "0123456789" * 8 + "abcde"  # the thing: "fleetprov-" + this, 100 characters
+    state = tmp_path / "device" / "state"
+    config = _config(
+        emulator, tmp_path / "device", serial, "--template", "rotating", daemon={**FAST, "rotate_before": 12}
+    )
+    agent, first, second = first_rotation(start_agent, config, state)
+    assert second["thing_name"] == first["thing_name"] == f"fleetprov-{serial}"
+    assert len(first["thing_name"]) == 100
+    assert second["certificate_id"] != first["certificate_id"]
+    certificates = {entry["certificateId"]: entry for entry in emulator.admin("certificates")}
+    assert certificates[second["certificate_id"]]["things"] == [first["thing_name"]]
+    assert agent.stop() == 0, agent.log()
+    assert "Traceback" not in agent.log()
+
+
 def test_rotation_with_the_key_in_a_token(
     emulator_with: object, start_agent: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

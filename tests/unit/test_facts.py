@@ -3,10 +3,12 @@ template parameters (including a real parameter command run with this interprete
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,6 +213,11 @@ def test_claim_client_id_without_any_fact() -> None:
 
 # --- template_parameters -----------------------------------------------------------------------------
 
+
+def parameters_of(*arguments: Any, **keywords: Any) -> dict[str, str]:
+    return asyncio.run(template_parameters(*arguments, **keywords))
+
+
 DEVICE = facts(serial="10000000c0ffee42", machine_id=MACHINE_ID, mac="dc:a6:32:01:02:03")
 
 
@@ -223,7 +230,7 @@ def script(tmp_path: Path, body: str) -> list[str]:
 def test_precedence_static_env_facts_command(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     command = script(tmp_path, 'print(\'{"Site": "from-command", "Batch": "b-7"}\')')
     with caplog.at_level(logging.INFO, logger="fleetprov.facts"):
-        result = template_parameters(
+        result = parameters_of(
             {"Site": "static", "Model": "static", "SerialNumber": "static", "Owner": "static"},
             {"Site": "SITE", "Model": "MODEL"},
             {"SerialNumber": "serial", "Model": "mac"},
@@ -245,13 +252,13 @@ def test_precedence_static_env_facts_command(tmp_path: Path, caplog: pytest.LogC
 
 
 def test_empty_environment_variable_counts_as_set() -> None:
-    result = template_parameters({}, {"Site": "SITE"}, {}, None, 1, environ={"SITE": ""}, facts=DEVICE)
+    result = parameters_of({}, {"Site": "SITE"}, {}, None, 1, environ={"SITE": ""}, facts=DEVICE)
     assert result == {"Site": ""}
 
 
 def test_missing_environment_variable() -> None:
     with pytest.raises(ConfigError) as caught:
-        template_parameters({}, {"Site": "FLEET_SITE"}, {}, None, 1, environ={}, facts=DEVICE)
+        parameters_of({}, {"Site": "FLEET_SITE"}, {}, None, 1, environ={}, facts=DEVICE)
     assert str(caught.value) == (
         "parameters: template parameter 'Site' comes from environment variable 'FLEET_SITE', which is not set"
     )
@@ -260,7 +267,7 @@ def test_missing_environment_variable() -> None:
 
 def test_unavailable_fact_names_parameter_and_fact() -> None:
     with pytest.raises(FactUnavailable) as caught:
-        template_parameters({}, {}, {"Id": "machine_id"}, None, 1, environ={}, facts=facts())
+        parameters_of({}, {}, {"Id": "machine_id"}, None, 1, environ={}, facts=facts())
     assert str(caught.value) == (
         "parameters: template parameter 'Id': device fact 'machine_id' is not available on this device "
         "(looked at /etc/machine-id)"
@@ -270,7 +277,7 @@ def test_unavailable_fact_names_parameter_and_fact() -> None:
 
 def test_command_runs_with_stdin_closed(tmp_path: Path) -> None:
     command = script(tmp_path, 'import json; print(json.dumps({"Stdin": repr(sys.stdin.read())}))')
-    result = template_parameters({}, {}, {}, command, 10, environ={}, facts=DEVICE)
+    result = parameters_of({}, {}, {}, command, 10, environ={}, facts=DEVICE)
     assert result == {"Stdin": "''"}
 
 
@@ -297,7 +304,7 @@ def test_command_runs_with_stdin_closed(tmp_path: Path) -> None:
 def test_command_failures(tmp_path: Path, body: str, message: str) -> None:
     command = script(tmp_path, body)
     with pytest.raises(ParameterCommandError) as caught:
-        template_parameters({"Site": "static"}, {}, {}, command, 0.5, environ={}, facts=DEVICE)
+        parameters_of({"Site": "static"}, {}, {}, command, 0.5, environ={}, facts=DEVICE)
     assert str(caught.value) == f"parameters: parameter command {sys.executable!r} {message}"
     assert caught.value.exit_code == EX_CONFIG == 78
 
@@ -305,14 +312,14 @@ def test_command_failures(tmp_path: Path, body: str, message: str) -> None:
 def test_command_output_is_never_quoted_in_errors(tmp_path: Path) -> None:
     command = script(tmp_path, 'print("secret-token-123")')
     with pytest.raises(ParameterCommandError) as caught:
-        template_parameters({}, {}, {}, command, 10, environ={}, facts=DEVICE)
+        parameters_of({}, {}, {}, command, 10, environ={}, facts=DEVICE)
     assert "secret-token-123" not in str(caught.value)
 
 
 def test_missing_executable(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-command")
     with pytest.raises(ParameterCommandError) as caught:
-        template_parameters({}, {}, {}, [missing], 1, environ={}, facts=DEVICE)
+        parameters_of({}, {}, {}, [missing], 1, environ={}, facts=DEVICE)
     assert (
         str(caught.value) == f"parameters: parameter command {missing!r} cannot be started: No such file or directory"
     )

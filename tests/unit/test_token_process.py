@@ -3,24 +3,31 @@ errors carried back with their exit code, the PIN in none of them."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from fleetprov.keys import PreparedKey
 from fleetprov.keys.token_process import ChildFailed, prepare_in_child
 from tests.softhsm import make_token
+
+
+def prepare(*arguments: Any, **keywords: Any) -> PreparedKey:
+    return asyncio.run(prepare_in_child(*arguments, **keywords))
 
 
 def test_key_made_in_the_child_and_found_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     token = make_token(tmp_path / "hsm", monkeypatch, pin="child-pin-42")
     monkeypatch.setenv("TEST_PIN", token.pin)
     settings = dataclasses.replace(token.settings(), key_label="device-g2", pin_env="TEST_PIN", pin_file=None)
-    first = prepare_in_child(settings, "ec-p256", "thing-1", os.environ)
+    first = prepare(settings, "ec-p256", "thing-1", os.environ)
     assert "object=device-g2" in first.key_reference and "pin" not in first.key_reference
     csr = x509.load_pem_x509_csr(first.csr_pem.encode())
     assert csr.is_signature_valid
@@ -28,7 +35,7 @@ def test_key_made_in_the_child_and_found_again(tmp_path: Path, monkeypatch: pyte
         csr.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         == first.public_key_der
     )
-    again = prepare_in_child(settings, "ec-p256", "thing-1", os.environ)  # a rerun finds the same key
+    again = prepare(settings, "ec-p256", "thing-1", os.environ)  # a rerun finds the same key
     assert again.public_key_der == first.public_key_der
 
 
@@ -37,7 +44,7 @@ def test_wrong_pin_comes_back_as_exit_78(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("TEST_PIN", "wrong-pin-00")
     settings = dataclasses.replace(token.settings(), pin_env="TEST_PIN", pin_file=None)
     with pytest.raises(ChildFailed) as failed:
-        prepare_in_child(settings, "ec-p256", "thing-1", os.environ)
+        prepare(settings, "ec-p256", "thing-1", os.environ)
     assert failed.value.exit_code == 78 and not failed.value.transient
     assert "PIN" in failed.value.message and "wrong-pin-00" not in failed.value.message
 
@@ -47,7 +54,7 @@ def test_a_child_that_dies_is_a_transient_failure(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("TEST_PKCS11_PIN", token.pin)
     monkeypatch.setattr("sys.executable", "/bin/false")  # exits 1 and answers nothing
     with pytest.raises(ChildFailed) as failed:
-        prepare_in_child(token.settings(), "ec-p256", "thing-1", os.environ)
+        prepare(token.settings(), "ec-p256", "thing-1", os.environ)
     assert failed.value.exit_code == 75 and failed.value.transient
     assert "answered nothing usable" in failed.value.message
 
@@ -66,7 +73,7 @@ def test_the_pin_reaches_the_child_on_stdin_only(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr("sys.executable", str(stand_in))
     settings = dataclasses.replace(token.settings(), pin_env="TEST_PIN")
     with pytest.raises(ChildFailed):  # the stand-in answers nothing
-        prepare_in_child(settings, "ec-p256", "thing-1", os.environ)
+        prepare(settings, "ec-p256", "thing-1", os.environ)
     argv, *rest = record.read_text().splitlines()
     environment = dict(line.split("=", 1) for line in rest[:-1] if "=" in line)
     request = json.loads(rest[-1])

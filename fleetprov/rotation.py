@@ -19,8 +19,8 @@ import contextlib
 import datetime as dt
 import logging
 import random
-from collections.abc import Iterator, Mapping
-from typing import Callable, Optional
+from collections.abc import Awaitable, Iterator, Mapping
+from typing import Optional
 
 from fleetprov.agent import prune_old
 from fleetprov.certcheck import check_certificate
@@ -95,7 +95,7 @@ async def rotate(
     log.info("rotating the certificate of thing %s (not after %s)", thing, generation.manifest.not_after)
     with _bugs_reported(), store.lock():
         rotated = await _committed(config, store, generation, session, environ)
-        _after_commit("prune", lambda: prune_old(config, store, environ))
+        await _after_commit("prune", prune_old(config, store, environ))
     log.info(
         "rotated: generation %s (certificate %s, not after %s); generation %s stays for rollback",
         rotated.number,
@@ -103,7 +103,7 @@ async def rotate(
         rotated.manifest.not_after,
         generation.number,
     )
-    _after_commit("hooks", lambda: run_hooks(config, rotated, environ))
+    await _after_commit("hooks", run_hooks(config, rotated, environ))
     return rotated
 
 
@@ -115,7 +115,7 @@ async def _committed(
     staging = store.stage()
     issued: Optional[str] = None
     try:
-        key = _new_key(config, store, generation, staging, environ)
+        key = await _new_key(config, store, generation, staging, environ)
         journal = await _registered(
             config, generation=generation, session=session, staging=staging, key=key, environ=environ
         )
@@ -145,10 +145,10 @@ def _bugs_reported() -> Iterator[None]:
         raise RotationBug(f"unexpected {_described(exc)}: a bug in fleetprov", step="rotation") from exc
 
 
-def _after_commit(what: str, action: Callable[[], object]) -> None:
+async def _after_commit(what: str, action: Awaitable[object]) -> None:
     """``action``, after the commit: what it raises is logged; the new generation stays current."""
     try:
-        action()
+        await action
     except FleetprovError as exc:
         log.error("%s after the rotation failed (the new certificate is current): %s", what, exc)
     except Exception as exc:
@@ -168,7 +168,7 @@ def _described(exc: Exception) -> str:
     return f"{type(exc).__name__}: {printable(str(exc), 200)}"
 
 
-def _new_key(
+async def _new_key(
     config: Config, store: Store, generation: Generation, staging: Staging, environ: Mapping[str, str]
 ) -> PreparedKey:
     thing = generation.manifest.thing_name  # a CSR's common name is made from it: keys.csr_common_name
@@ -178,7 +178,7 @@ def _new_key(
         # The number the new generation gets (not current's + 1: after a rollback a newer generation, and its
         # key, may exist); a key under that label is one a failed rotation left: a fresh one replaces it.
         settings = generation_key_settings(pkcs11_settings(config), max(store.generations(), default=0) + 1)
-        return prepare_in_child(settings, config.required_provisioning().key_type, thing, environ, fresh=True)
+        return await prepare_in_child(settings, config.required_provisioning().key_type, thing, environ, fresh=True)
 
 
 async def _registered(
@@ -200,7 +200,7 @@ async def _registered(
     with step("check-certificate"):
         checked = check_certificate(issued.certificate_pem, key.public_key_der, expected_id=issued.certificate_id)
     log.info("certificate %s issued for the rotation", checked.certificate_id)
-    parameters = dict(_parameters(config, environ, config.required_claim().client_id)[0])
+    parameters = dict((await _parameters(config, environ, config.required_claim().client_id))[0])
     parameters.setdefault("ThingName", thing)
     with step("register-thing"):
         registration = await client.register_thing(template, issued.ownership_token, parameters)

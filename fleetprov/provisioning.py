@@ -19,7 +19,7 @@ from awscrt import mqtt_request_response
 from awsiot import V2ServiceException, iotidentity
 
 from fleetprov.errors import EX_NOPERM, EX_TEMPFAIL, BadServiceData, FleetprovError, printable
-from fleetprov.session import ProtocolClient
+from fleetprov.session import ProtocolClient, crt_result
 
 CREATE_CERTIFICATE = "create-certificate"
 REGISTER_THING = "register-thing"
@@ -119,7 +119,7 @@ class ProvisioningClient:
     async def _call(self, future: concurrent.futures.Future[Any], step: str) -> Any:
         try:
             # awscrt enforces operation_timeout itself; the extra second only guards against a lost callback.
-            return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout + 1)
+            return await crt_result(future, self._timeout + 1)
         except V2ServiceException as exc:
             error = exc.modeled_error
             if isinstance(error, iotidentity.V2ErrorResponse):

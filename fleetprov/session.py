@@ -23,6 +23,7 @@ from awsiot import mqtt5_client_builder, mqtt_connection_builder
 
 from fleetprov.config import ProxyConfig
 from fleetprov.errors import ConfigError, EndpointUnavailable, Refused
+from fleetprov.tls_files import unusable_file
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ T = TypeVar("T")
 # a CONNACK with a reason code; brokers that do answer say "not authorized".
 _REFUSAL_ERRORS = frozenset({"AWS_ERROR_MQTT_PROTOCOL_ERROR", "AWS_ERROR_MQTT_UNEXPECTED_HANGUP"})
 _REFUSAL_CODES = frozenset({mqtt.ConnectReturnCode.NOT_AUTHORIZED, mqtt.ConnectReturnCode.BAD_USERNAME_OR_PASSWORD})
+# What awscrt reports when its own wait for the CONNACK ends (MQTT 3.1.1, MQTT 5).
+_CONNACK_TIMEOUTS = frozenset({"AWS_ERROR_MQTT_TIMEOUT", "AWS_ERROR_MQTT5_CONNACK_TIMEOUT"})
+# awscrt gives a CONNECT up itself (and closes its socket then); fleetprov waits this much longer, only in case
+# awscrt's callback never comes.
+_CALLBACK_GRACE = 1.0
 
 
 class ConnectionRefused(Refused):
@@ -129,15 +135,24 @@ def _builder_options(endpoint: Endpoint, identity: Identity, client_id: str) -> 
     return options
 
 
-def _built(build: Callable[..., T], identity: Identity, **options: Any) -> T:
-    """An awsiotsdk builder's client; a token that will not give awscrt the key is a ConfigError (exit 78)."""
+def _built(build: Callable[..., T], identity: Identity, root_ca: Path, **options: Any) -> T:
+    """An awsiotsdk builder's client. Whatever stops awscrt from making one is local (a file, a token, the proxy
+    settings), so every error here is a ConfigError (exit 78) that names what to fix."""
     try:
         return build(**options)
+    except OSError as exc:  # awscrt reads the certificate, key and CA files itself, in Python
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}", step="connect") from None
     except (crt_exceptions.AwsCrtError, RuntimeError) as exc:  # awscrt raises RuntimeError("1075 (AWS_ERROR_...)")
+        error = str(exc) + getattr(exc, "name", "")
         token = identity.token_key
-        if token is None or "AWS_ERROR_PKCS11" not in str(exc) + getattr(exc, "name", ""):
-            raise
-        raise ConfigError(_token_problem(token, str(exc) + getattr(exc, "name", "")), step="connect") from None
+        if token is not None and "AWS_ERROR_PKCS11" in error:
+            raise ConfigError(_token_problem(token, error), step="connect") from None
+        # awscrt's error names no file (AWS_ERROR_INVALID_ARGUMENT, AWS_IO_TLS_CTX_ERROR): find the one at fault.
+        problem = unusable_file(root_ca, identity.certificate, identity.private_key)
+        if problem is None:
+            name = re.search(r"AWS_\w+", error)
+            problem = f"awscrt cannot use {identity.certificate} and its key: {name.group(0) if name else error}"
+        raise ConfigError(problem, step="connect") from None
 
 
 def _token_problem(token: TokenKey, error: str) -> str:
@@ -170,6 +185,8 @@ def _connect_error(endpoint: Endpoint, client_id: str, exc: BaseException) -> Ex
     if isinstance(exc, crt_exceptions.AwsCrtError):
         if exc.name in _REFUSAL_ERRORS:
             return _refusal(endpoint, client_id, exc.name)
+        if exc.name in _CONNACK_TIMEOUTS:
+            return _no_connack(endpoint)
         return EndpointUnavailable(f"cannot connect to {_where(endpoint)}: {exc.name}", step="connect")
     if exc.args and isinstance(exc.args[0], mqtt.ConnectReturnCode):
         code = exc.args[0]
@@ -179,13 +196,26 @@ def _connect_error(endpoint: Endpoint, client_id: str, exc: BaseException) -> Ex
     return EndpointUnavailable(f"cannot connect to {_where(endpoint)}: {exc}", step="connect")
 
 
-async def _await(future: concurrent.futures.Future[Any], timeout: float, what: str) -> Any:
-    try:
-        # shield: a timeout must not cancel awscrt's own future: awscrt completes it later from its thread, and
-        # completing a cancelled future raises InvalidStateError there ("Exception ignored in ..." on stderr).
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
-    except asyncio.TimeoutError:
-        raise EndpointUnavailable(f"{what}: no answer within {timeout:g} s", step="connect") from None
+async def crt_result(future: concurrent.futures.Future[T], timeout: Optional[float]) -> T:
+    """The outcome of a future that awscrt completes from its own threads, awaited for at most ``timeout``
+    seconds (None: no limit); asyncio.TimeoutError when it is not complete by then.
+
+    The only way fleetprov awaits awscrt: a timeout, or the awaiting task being cancelled, leaves awscrt's future
+    alone. ``wait_for(wrap_future(future))`` would cancel it, and awscrt completing a cancelled future later
+    raises InvalidStateError in awscrt's thread ("Exception ignored in ..." on stderr, the outcome lost)."""
+    return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+
+
+def _connack_timeout(endpoint: Endpoint) -> float:
+    """How long awscrt waits for the CONNACK: the operation timeout, but less than the keep-alive (MQTT 3.1.1's
+    wait is awscrt's ping timeout, 3 s by default whatever the operation timeout, and must be shorter)."""
+    return min(endpoint.timeout, endpoint.keep_alive / 2)
+
+
+def _no_connack(endpoint: Endpoint) -> EndpointUnavailable:
+    return EndpointUnavailable(
+        f"CONNECT to {_where(endpoint)}: no CONNACK within {_connack_timeout(endpoint):g} s", step="connect"
+    )
 
 
 class _LostSignal:
@@ -201,7 +231,7 @@ class _LostSignal:
 
     async def wait(self) -> str:
         """Why the connection was lost, once it is."""
-        return await asyncio.shield(asyncio.wrap_future(self.future))
+        return await crt_result(self.future, None)
 
 
 class _Mqtt3Session:
@@ -214,9 +244,11 @@ class _Mqtt3Session:
         self.connection = _built(
             build,
             identity,
+            endpoint.root_ca,
             **_builder_options(endpoint, identity, client_id),
             clean_session=True,
             keep_alive_secs=endpoint.keep_alive,
+            ping_timeout_ms=max(1, round(_connack_timeout(endpoint) * 1000)),
             on_connection_interrupted=self._on_interrupted,
         )
 
@@ -225,16 +257,31 @@ class _Mqtt3Session:
 
     async def open(self, endpoint: Endpoint) -> None:
         try:
-            await _await(self.connection.connect(), endpoint.timeout, f"CONNECT to {endpoint.host}")
-        except EndpointUnavailable:
-            raise
-        except Exception as exc:  # awscrt reports every failure as a plain exception from the future
+            connected = self.connection.connect()
+        except Exception as exc:
             raise _connect_error(endpoint, self.client_id, exc) from exc
+        try:
+            await crt_result(connected, _connack_timeout(endpoint) + _CALLBACK_GRACE)
+        except BaseException as exc:
+            # awscrt refuses to disconnect a connection still waiting for its CONNACK, and a CONNACK after this
+            # point would leave a live connection with this client id, nobody using it: it goes once connected.
+            connected.add_done_callback(self._disconnect_if_connected)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise _no_connack(endpoint) from None
+            if isinstance(exc, Exception):  # awscrt reports every failure as a plain exception from the future
+                raise _connect_error(endpoint, self.client_id, exc) from exc
+            raise  # cancelled
+
+    def _disconnect_if_connected(self, connected: concurrent.futures.Future[Any]) -> None:
+        """Runs in awscrt's thread (or at once, if the CONNECT is over)."""
+        if not connected.cancelled() and connected.exception() is None:
+            log.info("CONNACK for %s came after fleetprov gave up: disconnecting", self.client_id)
+            with contextlib.suppress(Exception):  # disconnecting is all that is left to do; nobody waits for it
+                self.connection.disconnect()
 
     async def close(self, timeout: float) -> None:
         with contextlib.suppress(Exception):  # closing a broken connection is best effort
-            # shield: a timeout must not cancel awscrt's own future (it completes it later from its thread)
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.connection.disconnect())), timeout)
+            await crt_result(self.connection.disconnect(), timeout)
 
     @property
     def protocol_client(self) -> ProtocolClient:
@@ -251,9 +298,11 @@ class _Mqtt5Session:
         self.client = _built(
             build,
             identity,
+            endpoint.root_ca,
             **_builder_options(endpoint, identity, client_id),
             session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
             keep_alive_interval_sec=endpoint.keep_alive,
+            connack_timeout_ms=max(1, round(_connack_timeout(endpoint) * 1000)),
             on_lifecycle_connection_success=self._on_success,
             on_lifecycle_connection_failure=self._on_failure,
             on_lifecycle_stopped=self._on_stopped,
@@ -287,23 +336,30 @@ class _Mqtt5Session:
             self._stopped.set_result(None)
 
     async def open(self, endpoint: Endpoint) -> None:
-        self.client.start()
         try:
-            await _await(self._connected, endpoint.timeout, f"CONNECT to {endpoint.host}")
-        except PermissionError as exc:
-            await self.close(endpoint.timeout)
-            raise _refusal(endpoint, self.client_id, f"CONNACK {exc}") from exc
-        except EndpointUnavailable:
-            await self.close(endpoint.timeout)
+            self.client.start()
+            await crt_result(self._connected, _connack_timeout(endpoint) + _CALLBACK_GRACE)
+        except asyncio.CancelledError:
+            self._stop()  # not awaited: the task is going; awscrt's client must not go on connecting without it
             raise
         except Exception as exc:
+            # Stopped whatever went wrong: awscrt's client would otherwise go on connecting (and reconnecting)
+            # with this client id.
             await self.close(endpoint.timeout)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise _no_connack(endpoint) from None
+            if isinstance(exc, PermissionError):
+                raise _refusal(endpoint, self.client_id, f"CONNACK {exc}") from exc
             raise _connect_error(endpoint, self.client_id, exc) from exc
 
-    async def close(self, timeout: float) -> None:
-        with contextlib.suppress(Exception):
+    def _stop(self) -> None:
+        with contextlib.suppress(Exception):  # stopping a client that never started is best effort
             self.client.stop()
-            await asyncio.wait_for(asyncio.wrap_future(self._stopped), timeout)
+
+    async def close(self, timeout: float) -> None:
+        self._stop()
+        with contextlib.suppress(Exception):
+            await crt_result(self._stopped, timeout)
 
     @property
     def protocol_client(self) -> ProtocolClient:

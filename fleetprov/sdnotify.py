@@ -8,7 +8,9 @@ with "@", a name in the abstract namespace. The service reports its state by sen
 - ``READY=1`` once it is connected with its permanent credentials, so that units ordered after it start then;
 - ``STATUS=`` the current step in words, one line, shown by ``systemctl status``;
 - ``WATCHDOG=1`` every half of ``WatchdogSec`` (``WATCHDOG_USEC``) while it is healthy: withholding the pings
-  of a stuck agent is what makes systemd restart it;
+  of a stuck agent is what makes systemd restart it. The pings come from a task of the daemon's event loop
+  (watchdog_loop), so they say that loop is alive: nothing the daemon does holds it up, the children it
+  starts included (fleetprov/children.py runs them off the loop);
 - ``STOPPING=1`` on shutdown, and ``RELOADING=1`` with ``MONOTONIC_USEC=`` on reload (``Type=notify-reload``).
 
 Without ``NOTIFY_SOCKET`` (run by hand, in a container, under another supervisor) nothing is sent and nothing

@@ -3,6 +3,10 @@
 One job: open a connection with a given identity, wait for its CONNACK, hand the protocol client to the
 provisioning API, and close it. Port 443 uses ALPN ``x-amzn-mqtt-ca`` (the builders set it). An HTTP proxy
 is reached with CONNECT. Server verification cannot be turned off: there is no option for it.
+
+The boundary to awscrt: every awscrt error leaves as a FleetprovError (ConfigError for the device's own files and
+token, EndpointUnavailable or ConnectionRefused for the endpoint); every awscrt future is awaited with
+``crt_result``; a CONNECT fleetprov gave up on never stays connected.
 """
 
 from __future__ import annotations
@@ -203,7 +207,16 @@ async def crt_result(future: concurrent.futures.Future[T], timeout: Optional[flo
     The only way fleetprov awaits awscrt: a timeout, or the awaiting task being cancelled, leaves awscrt's future
     alone. ``wait_for(wrap_future(future))`` would cancel it, and awscrt completing a cancelled future later
     raises InvalidStateError in awscrt's thread ("Exception ignored in ..." on stderr, the outcome lost)."""
-    return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+    outcome = asyncio.wrap_future(future)
+    # Given up on, the outcome is nobody's: an error in it must not be logged as "never retrieved" (asyncio.shield
+    # stops looking at its inner future when the outer one is cancelled).
+    outcome.add_done_callback(_retrieved)
+    return await asyncio.wait_for(asyncio.shield(outcome), timeout)
+
+
+def _retrieved(outcome: asyncio.Future[Any]) -> None:
+    if not outcome.cancelled():
+        outcome.exception()
 
 
 def _connack_timeout(endpoint: Endpoint) -> float:

@@ -114,6 +114,7 @@ class SilentBroker:
         except (OSError, ssl.SSLError):
             raw.close()
             return None
+        connection.setblocking(False)
         self.connections += 1
         self._open.add(connection)
         self.most_open = max(self.most_open, len(self._open))
@@ -121,11 +122,15 @@ class SilentBroker:
 
     @staticmethod
     def _read(connection: ssl.SSLSocket) -> bool:
-        """False once the client has gone."""
+        """Reads all that has come; False once the client has gone (the end may come right after data)."""
         try:
-            return bool(connection.recv(65536))
+            while connection.recv(65536):
+                pass
+        except ssl.SSLWantReadError:
+            return True  # all read; still open
         except (OSError, ssl.SSLError):
             return False
+        return False
 
     def stop(self) -> None:
         self._stopping.set()

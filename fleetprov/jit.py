@@ -237,8 +237,8 @@ def read_activation(state_dir: Path) -> Optional[dict[str, object]]:
 
 def _can_wait_out(exc: FleetprovError) -> bool:
     """A refused or closed connection is what a certificate that is not ACTIVE yet gets; so are timeouts.
-    A bad file or token is not (ConfigError)."""
-    return exc.transient or exc.step == "connect"
+    A bad file or token is not (ConfigError), though it fails at the connect step too."""
+    return not isinstance(exc, ConfigError) and (exc.transient or exc.step == "connect")
 
 
 async def _connected(config: Config, jit: JitConfig, identity: Identity, client_id: str, waiting: _Waiting) -> None:

@@ -17,8 +17,8 @@ from cryptography.x509.oid import NameOID
 
 from fleetprov import factory
 from fleetprov.config import JitConfig, load_config, render_config
-from fleetprov.errors import ConfigError
-from fleetprov.jit import check_material
+from fleetprov.errors import ConfigError, FleetprovError
+from fleetprov.jit import _can_wait_out, check_material
 
 NOW = dt.datetime.now(dt.timezone.utc)
 
@@ -213,3 +213,10 @@ def test_the_inbox_claim_is_read_through_the_pending_link(tmp_path: Path) -> Non
     assert claim.certificate == tmp_path / "in" / "pending" / "certificate.pem"
     assert claim.private_key == tmp_path / "in" / "pending" / "private.key"
     assert "inbox:" in render_config(config)  # type: ignore[arg-type]
+
+
+def test_a_bad_file_or_token_at_connect_is_not_waited_out() -> None:
+    """session.py reports an unusable key, certificate or token as a ConfigError at the connect step: waiting for
+    activation cannot fix it (exit 78 at once); a refused or closed connection can."""
+    assert not _can_wait_out(ConfigError("/etc/device.key is not a PEM private key", step="connect"))
+    assert _can_wait_out(FleetprovError("the connection was closed before its CONNACK", step="connect"))

@@ -18,6 +18,7 @@ from fleetprov.claim import Provisioned, device_client_id, provision, step, veri
 from fleetprov.claim_inbox import discard_claim, pending_claim
 from fleetprov.clock import wait_for_plausible_clock
 from fleetprov.config import Config
+from fleetprov.crashpoints import delay_point
 from fleetprov.errors import FleetprovError, Refused, UsageError
 from fleetprov.jit import enrol
 from fleetprov.journal import Journal, load_journal
@@ -104,6 +105,7 @@ async def _provision(
 async def reprovision(config: Config, environ: Optional[Mapping[str, str]] = None) -> Outcome:
     """Provision anew with the claim although there is a current identity (its certificate is refused, or an
     operator asked for it); the old generation stays for `fleetprov rollback`. An interrupted run is finished."""
+    delay_point("reprovision")  # test-only: a slow `fleetprov reprovision` child of the daemon
     await wait_for_plausible_clock(config.clock_sync_timeout)
     async with _recovered(config) as (store, journal):
         current = store.current()

@@ -7,8 +7,9 @@ file, after the half is on disk.
 
 ``FLEETPROV_DELAY_AT=<point>=<seconds>`` makes the process sleep that long at ``<point>``: a slow token or
 child, on demand (tests/integration/test_daemon_watchdog.py). Children get an allow-listed environment
-(fleetprov/children.py); the one child that has a delay point, the PKCS#11 key process, is handed this
-variable, and only this one of the knobs, on purpose (``delay_knob``). It says nothing secret.
+(fleetprov/children.py): the PKCS#11 key process (point ``token-process``) is handed this variable, and only
+this one of the knobs, on purpose (``delay_knob``); the daemon's `fleetprov reprovision` (point
+``reprovision``) gets it with the other FLEETPROV_* variables, as fleetprov itself. It says nothing secret.
 """
 
 from __future__ import annotations

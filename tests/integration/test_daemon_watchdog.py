@@ -1,7 +1,8 @@
 """The daemon's event loop never waits for a child: a real `fleetprov run` under WATCHDOG_USEC=2000000 (a ping
-asked every second) rotates its certificate while a hook, or the PKCS#11 key process, takes 20 s. The pings
-keep coming (no gap over 1.5 s), and SIGTERM in the middle is answered within 2 s, exit 0, with the child
-killed (its pid gone). Neither waits for the 20 s: the test stops the daemon a few seconds into the child."""
+asked every second) rotates its certificate while a hook, or the PKCS#11 key process, takes 20 s, or provisions
+anew through a `fleetprov reprovision` that takes 20 s. The pings keep coming (no gap over 1.5 s), and SIGTERM
+in the middle is answered within 2 s, exit 0, with the child killed (its pid gone). None waits for the 20 s:
+the test stops the daemon a few seconds into the child."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Optional
 import pytest
 
 from fleetprov.crashpoints import DELAY_ENV
-from tests.agentprocess import WAIT, Agent
+from tests.agentprocess import WAIT, Agent, manifest_of
 from tests.integration.test_daemon_identity import FAST, _config, _rotating_template
 from tests.processes import gone
 from tests.softhsm import make_token
@@ -152,3 +153,22 @@ def test_a_slow_token_key_process_holds_up_neither_the_watchdog_nor_sigterm(
     _check(agent, pid, pings)
     assert os.readlink(tmp_path / "device" / "state" / "current") == "generations/1"  # the rotation did not happen
     assert token.pin not in agent.log()
+
+
+def test_a_slow_reprovision_child_holds_up_neither_the_watchdog_nor_sigterm(
+    emulator: Emulator,
+    watchdog_agent: Callable[[Path], Agent],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The certificate is revoked: after its refusals the daemon runs `fleetprov reprovision`, slowed to 20 s;
+    SIGTERM kills it with its group (an interrupted run resumes from its journal at the next start)."""
+    state = tmp_path / "device" / "state"
+    config = _config(emulator, tmp_path / "device", "watchdog-reprovision")
+    monkeypatch.setenv(DELAY_ENV, f"reprovision={CHILD_SECONDS}")  # only `fleetprov reprovision` has this point
+    agent = watchdog_agent(config)
+    agent.wait_for("READY=1")
+    emulator.admin("set-certificate-status", manifest_of(state)["certificate_id"], "REVOKED")
+    pid, pings = _pings_until(agent, lambda: _child_running(agent.process.pid, "reprovision"))
+    _check(agent, pid, pings)
+    assert os.readlink(state / "current") == "generations/1"  # nothing was provisioned anew

@@ -1,4 +1,4 @@
-"""Command line: parse arguments, run a sub-command, turn errors into exit codes (see README "Exit codes").
+"""Command line: parse arguments, run a sub-command, turn errors into exit codes (see README.md "Exit codes").
 
 fleetprov [run] [--config PATH]         the daemon: provision if needed, then stay connected (fleetprov.service)
 fleetprov --once [--config PATH]        provision if needed, verify by connecting, exit

@@ -187,7 +187,7 @@ class Config:
     keys: KeysConfig = KeysConfig()
     daemon: DaemonConfig = DaemonConfig()
     hooks: HooksConfig = HooksConfig()
-    share_with_group: bool = False  # group `fleetprov` may read the published identity (README "Identity for ...")
+    share_with_group: bool = False  # group `fleetprov` may read the published identity (docs/device-agent.md)
     clock_sync_timeout: float = 300.0  # seconds to wait for an implausible (pre-release) clock to be synchronised
     jit: Optional[JitConfig] = None  # JITP/JITR instead of a claim
 

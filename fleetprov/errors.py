@@ -1,7 +1,7 @@
 """The one exception tree of fleetprov.
 
 Every error knows the step it happened in, the exit code the CLI turns it into
-(sysexits, see README "Exit codes") and whether retrying may help.
+(sysexits, see README.md "Exit codes") and whether retrying may help.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Credential storage: numbered generations, an atomic ``current`` pointer, one lock, recovery at start.
 
-Layout of the state directory (README "State directory"; every directory 0700, but see share_with_group)::
+Layout of the state directory (docs/device-agent.md; every directory 0700, but see share_with_group)::
 
     current -> generations/<n>          relative symlink, replaced by renaming a fresh current.tmp-<pid> over it
     generations/<n>/certificate.pem     0644
@@ -188,7 +188,7 @@ class Manifest:
 
 
 def identity_document(manifest: Manifest, state_dir: Path, *, port: int, root_ca: Path) -> dict[str, object]:
-    """identity.json: where local applications find the device identity (README "Identity for other services").
+    """identity.json: where local applications find the device identity (docs/device-agent.md).
 
     Paths go through ``current`` (not generations/<n>), so the file stays right after a rotation switches
     ``current``; the generation's number is not known before the commit and is not in it.

@@ -48,7 +48,7 @@ def test_cfn_lint_passes() -> None:
 
 
 def _factory_claim(directory: Path) -> tuple[Path, str]:
-    """A claim key and its CSR as the factory makes them, with openssl (README "Going to AWS")."""
+    """A claim key and its CSR as the factory makes them, with openssl (docs/emulator.md "Going to AWS")."""
     directory.mkdir(parents=True)
     key, csr = directory / "claim.key", directory / "claim.csr"
     subprocess.run(

@@ -97,7 +97,7 @@ def test_identity_json_by_default(emulator: Emulator, tmp_path: Path) -> None:
     for name in FILES:
         assert _mode(generation / name) == 0o644, name
 
-    # A local application needs nothing but identity.json to connect (README "Identity for other services").
+    # A local application needs nothing but identity.json to connect (docs/device-agent.md).
     connection = mqtt_connection_builder.mtls_from_path(
         endpoint=document["endpoint"],
         port=document["port"],

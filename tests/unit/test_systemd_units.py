@@ -6,7 +6,7 @@
 - The drop-ins systemd/README.md documents (TPM, encrypted PIN, another state directory) get the same checks.
 - ``systemd-sysusers`` and ``systemd-tmpfiles`` run for real against a temporary root: the account exists
   there and the directories get their owners and modes from it.
-- What the units must contain (the contracts in README "Exit codes" and "State directory") is read with a
+- What the units must contain (the contracts in README.md "Exit codes" and "State directory") is read with a
   small parser of the unit syntax, never by searching for substrings.
 
 These tests need the Debian package ``systemd`` (systemd-analyze, systemd-sysusers, systemd-tmpfiles) and,
